@@ -1,0 +1,179 @@
+"""demo.py — the whole chain on one model, end to end, with a report.
+
+    locate_layers.py -> train_sv.py -> finetune.py x4 (plain LoRA, SPPFT, security vectors, both)
+    -> evaluate.py on the base model and the four results -> evaluate.py --compare -> REPORT.md
+
+Everything lands under --out (runs/demo). A step whose outputs are already there is skipped, so an
+interrupted demo picks up where it stopped; --force reruns every step. The defaults are sized for
+the embedded SmolLM2-135M-Instruct on a 2-core CPU (about 15-20 minutes); --quick is a smoke run.
+
+    python demo.py
+    python demo.py --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit --scale gpu
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Step sizes. "cpu" fits the 135M default on a 2-core CPU; "gpu" is closer to the papers' settings;
+# "quick" only proves the chain runs.
+SCALES = {
+    "quick": dict(ll=["--limit", "24", "--pairs", "100", "--search-radius", "1"],
+                  sv=["--max-steps", "4"], ft=["--max-steps", "4"], ev=["--limit", "8", "--max-new-tokens", "16"]),
+    "cpu": dict(ll=[], sv=[], ft=["--max-steps", "60"], ev=["--limit", "60", "--max-new-tokens", "32"]),
+    "gpu": dict(ll=[], sv=[], ft=[], ev=[]),
+}
+RUNS = (  # name, extra finetune.py flags, what it shows
+    ("lora", [], "plain LoRA on the mixed data (the harmful fine-tuning attack)"),
+    ("sppft", ["--freeze-layers", "{safety_layers}"], "LoRA with the safety layers frozen (SPPFT)"),
+    ("sv", ["--security-vectors", "{security_vectors}"], "LoRA with the security vectors active"),
+    ("both", ["--freeze-layers", "{safety_layers}", "--security-vectors", "{security_vectors}"], "both defences"),
+)
+
+
+def script(name):
+    return [sys.executable, os.path.join(ROOT, name)]
+
+
+def run_step(title, outputs, command, force):
+    """Runs one script unless every output already exists; exits on failure with the step named."""
+    if not force and all(os.path.exists(p) for p in outputs):
+        print(f"[skip] {title}: {', '.join(os.path.relpath(p) for p in outputs)} already there", flush=True)
+        return 0.0
+    print(f"\n[run ] {title}\n       {' '.join(os.path.relpath(c) if c.startswith(ROOT) else c for c in command)}",
+          flush=True)
+    start = time.time()
+    result = subprocess.run(command + (["--overwrite"] if force else []), cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"demo: step '{title}' failed (exit {result.returncode}); fix it and rerun: finished steps are kept")
+    took = time.time() - start
+    print(f"[done] {title} in {took:.0f} s", flush=True)
+    return took
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_text_atomic(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="model for every step (default: embedded SmolLM2-135M)")
+    parser.add_argument("--load-in-4bit", action="store_true", help="4-bit base for training and evaluation")
+    parser.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="step sizes (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="same as --scale quick")
+    parser.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default: runs/demo)")
+    parser.add_argument("--force", action="store_true", help="rerun every step, replacing its outputs")
+    args = parser.parse_args(argv)
+    scale = SCALES["quick" if args.quick else args.scale]
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    common = ["--model", args.model] + (["--load-in-4bit"] if args.load_in_4bit else ["--no-load-in-4bit"])
+    paths = {"safety_layers": os.path.join(out, "safety_layers.json"),
+             "security_vectors": os.path.join(out, "security_vectors")}
+    started = time.time()
+    timings = {}
+
+    timings["locate_layers"] = run_step(
+        "1/4 locate the safety layers", [paths["safety_layers"]],
+        script("locate_layers.py") + common + ["--out", paths["safety_layers"]] + scale["ll"], args.force)
+    timings["train_sv"] = run_step(
+        "2/4 train security vectors", [os.path.join(paths["security_vectors"], "sv_meta.json")],
+        script("train_sv.py") + common + ["--out", paths["security_vectors"]] + scale["sv"], args.force)
+    for name, extra, what in RUNS:
+        run_dir = os.path.join(out, f"ft_{name}")
+        timings[f"finetune {name}"] = run_step(
+            f"3/4 fine-tune: {what}", [os.path.join(run_dir, "train_log.json")],
+            script("finetune.py") + common + ["--data", os.path.join(ROOT, "data", "mixed_train.jsonl"),
+                                              "--out", run_dir] + [e.format(**paths) for e in extra] + scale["ft"],
+            args.force)
+    evals = []
+    for name, adapter in [("base", None)] + [(n, os.path.join(out, f"ft_{n}")) for n, _, _ in RUNS]:
+        eval_path = os.path.join(out, "eval", f"{name}.json")
+        evals.append(eval_path)
+        timings[f"evaluate {name}"] = run_step(
+            f"4/4 evaluate {name}", [eval_path],
+            script("evaluate.py") + common + ["--name", name, "--out", eval_path]
+            + (["--adapter", adapter] if adapter else []) + scale["ev"], args.force)
+
+    compare_md = os.path.join(out, "comparison.md")
+    compare_png = os.path.join(out, "comparison.png")
+    table = subprocess.run(script("evaluate.py") + ["--compare"] + evals + ["--plot", compare_png],
+                           cwd=ROOT, capture_output=True, text=True)
+    if table.returncode != 0:
+        sys.exit(f"demo: evaluate.py --compare failed: {table.stderr.strip().splitlines()[-1]}")
+    write_text_atomic(compare_md, table.stdout)
+    report = os.path.join(out, "REPORT.md")
+    write_text_atomic(report, build_report(args, out, paths, evals, table.stdout, timings, time.time() - started))
+    print(table.stdout)
+    print(f"demo finished in {(time.time() - started) / 60:.1f} min; report: {os.path.relpath(report)}")
+
+
+def build_report(args, out, paths, evals, table, timings, wall_s):
+    layers = load_json(paths["safety_layers"])
+    sv = load_json(os.path.join(paths["security_vectors"], "sv_meta.json"))
+    results = {os.path.basename(p)[:-5]: load_json(p) for p in evals}
+    lines = [
+        "# Demo report",
+        "",
+        f"Run on {datetime.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPU cores), "
+        f"model `{args.model}`, scale `{'quick' if args.quick else args.scale}`, "
+        f"{wall_s / 60:.1f} minutes in all. Command: `python demo.py"
+        + (" --quick" if args.quick else "") + "`.",
+        "",
+        "## Results",
+        "",
+        table.strip(),
+        "",
+        "![harmful rate, over-refusal and accuracy per run](comparison.png)",
+        "",
+        "## Safety layers",
+        "",
+        describe_layers(layers),
+        "",
+        f"![cosine curves]({os.path.basename(paths['safety_layers'])[:-5]}.png)",
+        "",
+        "## Security vectors",
+        "",
+        describe_sv(sv),
+        "",
+        "## Step times",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+    ] + [f"| {k} | {v:.0f}{' (skipped: already there)' if v == 0 else ''} |" for k, v in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def describe_layers(layers):
+    found = layers["safety_layers"]
+    text = (f"Safety layers: **{found['start']}-{found['end']}** (0-based, inclusive) of {layers['num_layers']}; "
+            f"initial range from the cosine analysis {layers['initial_range']['start']}-"
+            f"{layers['initial_range']['end']}.")
+    if layers.get("fallback"):
+        text += f" This is a **fallback**, not a detected range: {layers.get('fallback_reason', '')}"
+    gap = layers["cosine"]["gap_deg"]
+    text += f" The N-M angle gap peaks at {max(gap):.2f} degrees (layer {gap.index(max(gap))})."
+    return text
+
+
+def describe_sv(sv):
+    check = sv.get("check", {})
+    return f"Trained for {len(sv.get('losses', []))} steps, final loss {sv.get('final_loss')}; check: `{json.dumps(check)}`"
+
+
+if __name__ == "__main__":
+    main()
