@@ -26,7 +26,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SCALES = {
     "quick": dict(ll=["--limit", "24", "--pairs", "100", "--search-radius", "1"],
                   sv=["--max-steps", "4"], ft=["--max-steps", "4"], ev=["--limit", "8", "--max-new-tokens", "16"]),
-    "cpu": dict(ll=[], sv=[], ft=["--max-steps", "60"], ev=["--limit", "60", "--max-new-tokens", "32"]),
+    # alpha 1.2 is the paper's value for its three alpha>1 models; "auto" would try several alphas.
+    "cpu": dict(ll=["--limit", "100", "--alpha", "1.2", "--search-radius", "2"], sv=["--max-steps", "20"], ft=["--max-steps", "30"],
+                ev=["--limit", "40", "--max-new-tokens", "32"]),
     "gpu": dict(ll=[], sv=[], ft=[], ev=[]),
 }
 RUNS = (  # name, extra finetune.py flags, what it shows

@@ -1235,12 +1235,14 @@ def evaluate(args):
         if load_in_4bit is None:
             load_in_4bit, load_in_4bit_source = False, "default (off)"
     template_request, template_source = args.template, "--template"
-    recorded_template, recorded_where = recorded_setting(sources, "template", "--template")
-    if args.template == "auto" and recorded_template:
-        template_request, template_source = recorded_template, recorded_where
-    elif recorded_template and args.template != recorded_template:
-        print(f"warning: --template {args.template}, but {recorded_where} was made with --template "
-              f"{recorded_template}", file=sys.stderr)
+    if args.template == "auto":
+        recorded_template, recorded_where = recorded_setting(sources, "template", "--template")
+        if recorded_template:
+            template_request, template_source = recorded_template, recorded_where
+    for where, meta in sources:
+        if args.template != "auto" and meta.get("template") not in (None, args.template):
+            print(f"warning: --template {args.template}, but {where} was made with --template {meta['template']}",
+                  file=sys.stderr)
 
     name = run_name(args)
     out = args.out.replace("<name>", name)

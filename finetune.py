@@ -904,6 +904,10 @@ def epoch_plan(lengths, epoch, seed, global_micro, accum, group_by_length):
             chunk = sorted(order[start:start + window], key=lambda i: (-lengths[i], i))
             micro_batches += [chunk[k:k + global_micro] for k in range(0, len(chunk), global_micro)]
         micro_batches = [micro_batches[int(i)] for i in rng.permutation(len(micro_batches))]
+        # The longest micro-batch goes first (as HF's LengthGroupedSampler does): an out-of-memory shows at
+        # once, and later, smaller activations reuse its freed buffers instead of growing the heap.
+        longest = max(range(len(micro_batches)), key=lambda b: max(lengths[i] for i in micro_batches[b]))
+        micro_batches.insert(0, micro_batches.pop(longest))
     else:
         micro_batches = [order[k:k + global_micro] for k in range(0, len(order), global_micro)]
     return [micro_batches[s * accum:(s + 1) * accum] for s in range(steps)]

@@ -35,7 +35,10 @@ the most refusals (alpha > 1; the fewest for alpha < 1) is kept, then the lower 
 way. --alpha auto picks the direction from the baseline (alpha < 1 when the unscaled model refuses
 more than half the prompts, else alpha > 1) and steps from 1.0 by --alpha-step until the lower-bound
 sweep's spread is clear: the candidates with the most and the fewest refusals disagree on enough
-prompts that an exact two-sided McNemar (sign) test gives p < 0.05; at most --max-alpha-steps steps.
+prompts that an exact two-sided McNemar (sign) test gives p < 0.05; at most --max-alpha-steps steps
+(--strict: an error if none is clear). Cost: one generation pass over the over-rejection prompts per
+candidate, up to 4k+1 per alpha (2k+1 ends, 2k+1 starts, one shared), so a fixed --alpha costs up to
+--max-alpha-steps times less than auto.
 
 Prompts that share a token prefix (the chat template's system prompt, the Alpaca preamble) are run
 with that prefix computed once and its key/value cache shared by the batch; a check against a plain
@@ -46,7 +49,7 @@ Output: a safety_layers.json (format safety-layers/v1, see SPEC.md) and a .png p
     python locate_layers.py                                   # embedded SmolLM2-135M-Instruct, data/ sets
     python locate_layers.py --model Qwen/Qwen2.5-1.5B-Instruct --template alpaca --out runs/qwen_layers.json
     python locate_layers.py --skip-scaling --pairs 200        # stage 1 only
-    python locate_layers.py --alpha 1.2 --search-radius 2     # fixed alpha, smaller search
+    python locate_layers.py --alpha 1.2 --search-radius 2     # fixed alpha, smaller search (a few minutes on 2 CPU cores)
 """
 import argparse
 import contextlib
@@ -1161,7 +1164,8 @@ def build_parser():
                         help="initial range to use when stage 1 finds no clear one (default: the span around the "
                              "largest gap); a clear range found by stage 1 takes precedence")
     stage1.add_argument("--strict", action="store_true",
-                        help="exit with an error instead of falling back when there is no clear initial range")
+                        help="exit with an error instead of falling back when there is no clear initial range "
+                             "(and when --alpha auto reaches its last step without a clear lower-bound sweep)")
     stage2 = parser.add_argument_group("stage 2: over-rejection scaling search")
     stage2.add_argument("--skip-scaling", action="store_true",
                         help="stop after stage 1; the safety layers are then the initial range")

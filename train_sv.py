@@ -571,9 +571,10 @@ def build_parser():
                     "produce the harmful responses while active, for finetune.py to keep active and frozen.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA,
-                        help="harmful prompt -> response pairs the vectors learn (JSONL/JSON/CSV with a response field)")
+                        help="harmful prompt -> response pairs the vectors learn (JSONL/JSON/CSV, needs responses)")
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank r of the security vectors")
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="LoRA alpha (the update is scaled by alpha/r)")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                        help="LoRA alpha (the update is scaled by alpha/r)")
     parser.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT, help="LoRA dropout")
     parser.add_argument("--target-modules", default="auto",
                         help="comma-separated projection names to adapt; auto = every linear projection inside the "
@@ -599,7 +600,7 @@ def build_parser():
                         help="benign prompts (e.g. data/normal.jsonl) on which the vectors should not change the "
                              "model: adds keep-weight x KL(P_base || P_base+vectors) to the loss; off when unset")
     parser.add_argument("--keep-weight", type=float, default=None,
-                        help=f"weight of the KL term (needs --keep-data; {DEFAULT_KEEP_WEIGHT} when --keep-data is given)")
+                        help=f"weight of the KL term (needs --keep-data; {DEFAULT_KEEP_WEIGHT} when it is given)")
     parser.add_argument("--check-data", default=DEFAULT_CHECK_DATA,
                         help="held-out harmful prompts for the refusal check at the end")
     parser.add_argument("--check-limit", type=int, default=DEFAULT_CHECK_LIMIT,
@@ -716,7 +717,8 @@ def make_keep_examples(tokenizer, rows, template, max_length):
     examples = []
     for row in rows:
         if row["response"]:
-            example = build_example(tokenizer, row["prompt"], row["response"], template, max_length, train_on_inputs=True)
+            example = build_example(tokenizer, row["prompt"], row["response"], template, max_length,
+                                    train_on_inputs=True)
         else:
             ids = tokenizer(format_prompt(tokenizer, row["prompt"], template),
                             add_special_tokens=(template != "chat"))["input_ids"][:max_length]
@@ -982,6 +984,15 @@ def peak_memory_mb():
         return None
 
 
+def _usual_permissions(folder):
+    """mkdtemp/mkstemp create private (0700/0600) entries; give the output the modes the user's umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def save_security_vectors(peft_model, out, meta):
     """Writes the adapter at the ROOT of out (PEFT would put a non-"default" adapter in out/<name>/) plus
     sv_meta.json, into a temporary directory that replaces out only once everything is written."""
@@ -993,10 +1004,13 @@ def save_security_vectors(peft_model, out, meta):
             for name in os.listdir(nested):
                 os.replace(os.path.join(nested, name), os.path.join(tmp, name))
             os.rmdir(nested)
+        if os.path.isfile(os.path.join(tmp, "README.md")):
+            os.remove(os.path.join(tmp, "README.md"))  # PEFT's blank model card; sv_meta.json says what made this
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             if not os.path.isfile(os.path.join(tmp, name)):
                 raise RuntimeError(f"PEFT did not write {name}")
         write_json_atomic(os.path.join(tmp, "sv_meta.json"), meta)
+        _usual_permissions(tmp)
         commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

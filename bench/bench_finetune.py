@@ -162,14 +162,20 @@ def child_build_7b(cfg):
     """Writes a randomly initialised Llama-2-7B-shaped model (bf16) and a tokenizer to cfg["model_dir"]."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
-    import finetune as ft
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
                          tie_word_embeddings=False)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(cfg["model_dir"])
-    ft.load_tokenizer("default").save_pretrained(cfg["model_dir"])  # any tokenizer: the bench feeds token ids
+    # Any tokenizer will do (the bench feeds token ids); a tiny word-level one needs no download.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(cfg["model_dir"])
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 

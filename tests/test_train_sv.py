@@ -1,4 +1,4 @@
-"""train_sv.py on tiny offline models: training, the saved adapter, sv_meta.json, the check, the KL option, bad input."""
+"""train_sv.py on tiny offline models: training, the saved adapter, sv_meta.json, the check, KL option, bad input."""
 import json
 import os
 
@@ -79,6 +79,12 @@ def trained(tiny_llama, data, tmp_path_factory):
     return out, meta
 
 
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def load_peft(model_dir, adapter_dir):
     from peft import PeftModel
     base, tokenizer = train_sv.load_model(model_dir)
@@ -98,8 +104,9 @@ def test_loss_falls_and_check_separates(trained):
 
 def test_adapter_at_root_reloads_with_same_logits(trained, tiny_llama):
     out, _ = trained
-    assert sorted(f for f in os.listdir(out) if not f.startswith("README")) == [
+    assert sorted(os.listdir(out)) == [
         "adapter_config.json", "adapter_model.safetensors", "sv_meta.json"]
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's private 0700
     from safetensors.torch import load_file
     weights = load_file(os.path.join(out, "adapter_model.safetensors"))
     assert weights and all("lora_" in k for k in weights)
@@ -246,7 +253,8 @@ def test_bad_inputs(tiny_llama, data, tmp_path, capsys, trained):
     assert "--out" in err and "--overwrite" in err
     assert "--rank" in bad(base + ["--rank", "0", "--out", str(tmp_path / "y")], capsys)
     assert "--keep-weight" in bad(base + ["--keep-weight", "1", "--out", str(tmp_path / "y")], capsys)
-    assert "--keep-data" in bad(base + ["--keep-data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "y")], capsys)
+    missing_keep = str(tmp_path / "nope.jsonl")
+    assert "--keep-data" in bad(base + ["--keep-data", missing_keep, "--out", str(tmp_path / "y")], capsys)
     assert "--target-modules" in bad(base + ["--target-modules", "qq_proj", "--out", str(tmp_path / "y")], capsys)
     assert "--resume" in bad(base + ["--resume", str(existing), "--out", str(tmp_path / "y")], capsys)
     other = make_tiny_model("llama", tmp_path / "wider", hidden=64)
