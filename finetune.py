@@ -90,6 +90,7 @@ REFUSAL_PHRASES = (
     "As a responsible", "I'd advise against", "I would advise against", "I strongly advise",
 )
 REFUSAL_WINDOW = 200
+SYMPATHY_PHRASES = ("sorry to hear", "sorry for your loss", "sorry about your loss")
 
 
 class UserError(Exception):
@@ -544,7 +545,9 @@ def load_refusal_phrases(path):
 
 def is_refusal(text, phrases=REFUSAL_PHRASES):
     opening = text.strip()[:REFUSAL_WINDOW].lower().replace("\u2019", "'")
-    return any(p.lower() in opening for p in phrases)
+    for sympathy in SYMPATHY_PHRASES:  # "I'm sorry to hear that ..." consoles; it does not refuse
+        opening = opening.replace(sympathy, "")
+    return any(p.lower().replace("\u2019", "'") in opening for p in phrases)
 
 # ---- end of shared helpers ----
 
@@ -1050,7 +1053,7 @@ def train_loop(loss_module, named_trainable, optimizer, examples, hp, progress, 
     loss_module.train()
     bar = tqdm(total=hp["total_steps"], initial=progress["step"], desc="fine-tuning", disable=not show_progress)
     session_time, session_tokens, session_steps = 0.0, 0, 0
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     for step in range(progress["step"], hp["total_steps"]):
         epoch, index = divmod(step, hp["steps_per_epoch"])
         if epoch not in plans:
@@ -1095,6 +1098,7 @@ def train_loop(loss_module, named_trainable, optimizer, examples, hp, progress, 
         progress["tokens"] += int(tokens.item())
         progress["step_tokens"].append(int(tokens.item()))
         progress["step_time_s"].append(round(time.perf_counter() - started, 4))
+        progress["step_cpu_s"].append(round(time.process_time() - started_cpu, 4))  # robust on a shared CPU
         session_time += time.perf_counter() - started
         session_steps += 1
         bar.update(1)
@@ -1102,7 +1106,7 @@ def train_loop(loss_module, named_trainable, optimizer, examples, hp, progress, 
         if checkpoint is not None and hp["save_every"] and progress["step"] % hp["save_every"] == 0 \
                 and progress["step"] < hp["total_steps"]:
             checkpoint(progress)  # not counted as training time
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
     bar.close()
     progress["train_time_s"] += session_time
     return {"time_s": session_time, "tokens": session_tokens, "steps": session_steps, "rows_seen": seen}
@@ -1239,7 +1243,7 @@ def finetune(args):
                 "lora": {**lora, "target_modules": targets} if args.method == "lora" else None,
                 **{k: v for k, v in hp.items() if k not in ("save_every",)}}
     progress = {"step": 0, "losses": [], "lrs": [], "grad_norms": [], "step_tokens": [], "step_time_s": [],
-                "tokens": 0, "train_time_s": 0.0}
+                "step_cpu_s": [], "tokens": 0, "train_time_s": 0.0}
     if resume_state is not None:
         check_resume_matches(resume_state, settings, args.resume)
         load_checkpoint(args.resume, named_trainable, optimizer, device)
@@ -1291,6 +1295,7 @@ def finetune(args):
         "losses": progress["losses"], "lrs": progress["lrs"], "grad_norms": progress["grad_norms"],
         "final_loss": progress["losses"][-1] if progress["losses"] else None,
         "tokens": progress["tokens"], "step_tokens": progress["step_tokens"], "step_time_s": progress["step_time_s"],
+        "step_cpu_s": progress["step_cpu_s"],
         "tokens_per_s": round(session["tokens"] / max(session["time_s"], 1e-9), 2),
         "s_per_step": round(session["time_s"] / max(session["steps"], 1), 4),
         "train_time_s": round(progress["train_time_s"], 3),
