@@ -27,7 +27,8 @@ SCALES = {
     "quick": dict(ll=["--limit", "24", "--pairs", "100", "--search-radius", "1"],
                   sv=["--max-steps", "4"], ft=["--max-steps", "4"], ev=["--limit", "8", "--max-new-tokens", "16"]),
     # alpha 1.2 is the paper's value for its three alpha>1 models; "auto" would try several alphas.
-    "cpu": dict(ll=["--limit", "100", "--alpha", "1.2", "--search-radius", "2"], sv=["--max-steps", "20"], ft=["--max-steps", "12", "--lr", "5e-4"],
+    "cpu": dict(ll=["--limit", "100", "--alpha", "1.2", "--search-radius", "2"], sv=["--max-steps", "20"],
+                ft=["--max-steps", "12", "--lr", "5e-4"],
                 ev=["--limit", "40", "--max-new-tokens", "32"]),
     "gpu": dict(ll=[], sv=[], ft=[], ev=[]),
 }
