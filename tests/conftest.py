@@ -62,6 +62,15 @@ def make_tiny_model(kind, path, num_layers=4, hidden=32, seed=0):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads per process crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))

@@ -25,14 +25,7 @@ FAST = ["--lr", "0.01", "--batch-size", "4", "--grad-accum", "1", "--eval-batch-
         "--check-limit", "4", "--check-max-new-tokens", "4", "--no-gradient-checkpointing"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models gain nothing from threads, and two threads per process crawl when other test runs share
-    # the two cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def learnable_tiny_model(kind, path):
