@@ -12,6 +12,7 @@ the embedded SmolLM2-135M-Instruct on a 2-core CPU (about 15-20 minutes); --quic
 """
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -44,20 +45,28 @@ def script(name):
     return [sys.executable, os.path.join(ROOT, name)]
 
 
-def run_step(title, outputs, command, force):
-    """Runs one script unless every output already exists; exits on failure with the step named."""
+def shown(path):
+    """A path as the user would type it: relative below the current folder, absolute elsewhere."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def run_step(key, title, outputs, command, force, times):
+    """Runs one script unless every output already exists; exits on failure with the step named.
+    times (key -> seconds) is kept in step_times.json so a report after a restart still has every step."""
     if not force and all(os.path.exists(p) for p in outputs):
-        print(f"[skip] {title}: {', '.join(os.path.relpath(p) for p in outputs)} already there", flush=True)
-        return 0.0
-    print(f"\n[run ] {title}\n       {' '.join(os.path.relpath(c) if c.startswith(ROOT) else c for c in command)}",
-          flush=True)
+        print(f"[skip] {title}: {', '.join(shown(p) for p in outputs)} already there", flush=True)
+        times.setdefault(key, None)  # None: made outside this demo, time unknown
+        return
+    print(f"\n[run ] {title}\n       {' '.join(shown(c) if os.path.isabs(c) else c for c in command)}", flush=True)
     start = time.time()
-    result = subprocess.run(command + (["--overwrite"] if force else []), cwd=ROOT)
+    # A step runs only when its outputs are missing or incomplete (an interrupted run), and --out is the demo's
+    # own folder, so what is there is the demo's leftover: replacing it is what a rerun should do.
+    result = subprocess.run(command + ["--overwrite"], cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"demo: step '{title}' failed (exit {result.returncode}); fix it and rerun: finished steps are kept")
-    took = time.time() - start
-    print(f"[done] {title} in {took:.0f} s", flush=True)
-    return took
+    times[key] = round(time.time() - start, 1)
+    print(f"[done] {title} in {times[key]:.0f} s", flush=True)
 
 
 def load_json(path):
@@ -70,6 +79,17 @@ def write_text_atomic(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def load_step_times(path):
+    """Step times recorded by earlier invocations: a demo restarted after an interruption still reports them."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        times = load_json(path)
+    except ValueError:
+        return {}
+    return times if isinstance(times, dict) else {}
 
 
 def main(argv=None):
@@ -88,54 +108,63 @@ def main(argv=None):
     paths = {"safety_layers": os.path.join(out, "safety_layers.json"),
              "security_vectors": os.path.join(out, "security_vectors")}
     started = time.time()
-    timings = {}
+    times_path = os.path.join(out, "step_times.json")
+    times = {} if args.force else load_step_times(times_path)
 
-    timings["locate_layers"] = run_step(
-        "1/4 locate the safety layers", [paths["safety_layers"]],
-        script("locate_layers.py") + common + ["--out", paths["safety_layers"]] + scale["ll"], args.force)
-    timings["train_sv"] = run_step(
-        "2/4 train security vectors", [os.path.join(paths["security_vectors"], "sv_meta.json")],
-        script("train_sv.py") + common + ["--out", paths["security_vectors"]] + scale["sv"], args.force)
+    number = itertools.count(1)
+    steps = 2 + len(RUNS) + (1 + len(RUNS))  # locate, train_sv, the fine-tunes, evaluate base + each fine-tune
+
+    def step(title, outputs, command):
+        run_step(title, f"{next(number)}/{steps} {title}", outputs, command, args.force, times)
+        write_text_atomic(times_path, json.dumps(times, indent=2) + "\n")
+
+    step("locate the safety layers", [paths["safety_layers"]],
+         script("locate_layers.py") + common + ["--out", paths["safety_layers"]] + scale["ll"])
+    step("train security vectors", [os.path.join(paths["security_vectors"], "sv_meta.json")],
+         script("train_sv.py") + common + ["--out", paths["security_vectors"]] + scale["sv"])
     for name, extra, what in RUNS:
         run_dir = os.path.join(out, f"ft_{name}")
-        timings[f"finetune {name}"] = run_step(
-            f"3/4 fine-tune: {what}", [os.path.join(run_dir, "train_log.json")],
-            script("finetune.py") + common + ["--data", os.path.join(ROOT, "data", "mixed_train.jsonl"),
-                                              "--out", run_dir] + [e.format(**paths) for e in extra] + scale["ft"],
-            args.force)
+        step(f"fine-tune {name}: {what}", [os.path.join(run_dir, "train_log.json")],
+             script("finetune.py") + common + ["--data", os.path.join(ROOT, "data", "mixed_train.jsonl"),
+                                               "--out", run_dir] + [e.format(**paths) for e in extra] + scale["ft"])
     evals = []
     for name, adapter in [("base", None)] + [(n, os.path.join(out, f"ft_{n}")) for n, _, _ in RUNS]:
         eval_path = os.path.join(out, "eval", f"{name}.json")
         evals.append(eval_path)
-        timings[f"evaluate {name}"] = run_step(
-            f"4/4 evaluate {name}", [eval_path],
-            script("evaluate.py") + common + ["--name", name, "--out", eval_path]
-            + (["--adapter", adapter] if adapter else []) + scale["ev"], args.force)
+        step(f"evaluate {name}", [eval_path, eval_path[:-5] + ".md"],
+             script("evaluate.py") + common + ["--name", name, "--out", eval_path]
+             + (["--adapter", adapter] if adapter else []) + scale["ev"])
 
     compare_md = os.path.join(out, "comparison.md")
     compare_png = os.path.join(out, "comparison.png")
-    table = subprocess.run(script("evaluate.py") + ["--compare"] + evals + ["--plot", compare_png],
+    table = subprocess.run(script("evaluate.py") + ["--compare"] + evals + ["--plot", compare_png, "--overwrite"],
                            cwd=ROOT, capture_output=True, text=True)
     if table.returncode != 0:
         sys.exit(f"demo: evaluate.py --compare failed: {table.stderr.strip().splitlines()[-1]}")
-    write_text_atomic(compare_md, table.stdout)
+    # --compare also prints where it wrote the plot; only the table belongs in the report.
+    table_text = "\n".join(line for line in table.stdout.splitlines() if not line.startswith("wrote ")) + "\n"
+    write_text_atomic(compare_md, table_text)
     report = os.path.join(out, "REPORT.md")
-    write_text_atomic(report, build_report(args, out, paths, evals, table.stdout, timings, time.time() - started))
-    print(table.stdout)
-    print(f"demo finished in {(time.time() - started) / 60:.1f} min; report: {os.path.relpath(report)}")
+    write_text_atomic(report, build_report(args, paths, evals, table_text, times))
+    print("\n" + table_text.strip())
+    print(f"\ndemo finished: this invocation took {(time.time() - started) / 60:.1f} min")
+    print(f"outputs in {shown(out)}/; report: {shown(report)}")
 
 
-def build_report(args, out, paths, evals, table, timings, wall_s):
+def build_report(args, paths, evals, table, times):
     layers = load_json(paths["safety_layers"])
     sv = load_json(os.path.join(paths["security_vectors"], "sv_meta.json"))
-    results = {os.path.basename(p)[:-5]: load_json(p) for p in evals}
+    known = [t for t in times.values() if t is not None]
+    total = f"{sum(known) / 60:.1f} minutes of step time" + ("" if len(known) == len(times) else
+                                                            " (some steps' times are unknown, see below)")
+    command = "python demo.py" + (" --quick" if args.quick else f" --scale {args.scale}" if args.scale != "cpu" else "")
+    command += "" if args.model == "default" else f" --model {args.model}"
+    command += " --load-in-4bit" if args.load_in_4bit else ""
     lines = [
         "# Demo report",
         "",
         f"Run on {datetime.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPU cores), "
-        f"model `{args.model}`, scale `{'quick' if args.quick else args.scale}`, "
-        f"{wall_s / 60:.1f} minutes in all. Command: `python demo.py"
-        + (" --quick" if args.quick else "") + "`.",
+        f"model `{args.model}`, scale `{'quick' if args.quick else args.scale}`, {total}. Command: `{command}`.",
         "",
         "## Results",
         "",
@@ -147,7 +176,7 @@ def build_report(args, out, paths, evals, table, timings, wall_s):
         "",
         describe_layers(layers),
         "",
-        f"![cosine curves]({os.path.basename(paths['safety_layers'])[:-5]}.png)",
+        f"![cosine curves and scaling sweeps]({os.path.basename(paths['safety_layers'])[:-5]}.png)",
         "",
         "## Security vectors",
         "",
@@ -157,7 +186,7 @@ def build_report(args, out, paths, evals, table, timings, wall_s):
         "",
         "| step | seconds |",
         "|---|---|",
-    ] + [f"| {k} | {v:.0f}{' (skipped: already there)' if v == 0 else ''} |" for k, v in timings.items()]
+    ] + [f"| {k} | {'unknown (outputs were already there)' if v is None else f'{v:.0f}'} |" for k, v in times.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +196,7 @@ def describe_layers(layers):
             f"initial range from the cosine analysis {layers['initial_range']['start']}-"
             f"{layers['initial_range']['end']}.")
     if layers.get("fallback"):
-        text += f" This is a **fallback**, not a detected range: {layers.get('fallback_reason', '')}"
+        text += f" This is a **fallback**, not a detected range: {layers.get('fallback_reason', '').rstrip('.')}."
     gap = layers["cosine"]["gap_deg"]
     text += f" The N-M angle gap peaks at {max(gap):.2f} degrees (layer {gap.index(max(gap))})."
     return text
@@ -175,7 +204,17 @@ def describe_layers(layers):
 
 def describe_sv(sv):
     check = sv.get("check", {})
-    return f"Trained for {len(sv.get('losses', []))} steps, final loss {sv.get('final_loss')}; check: `{json.dumps(check)}`"
+    text = f"Trained for {len(sv.get('losses', []))} steps, final training loss {sv.get('final_loss', float('nan')):.3f}."
+    if "heldout_loss_active" in check:
+        # Security vectors work by making the harmful responses already likely while they are on, so the
+        # fine-tune has little loss left to learn them from; a clear active < inactive gap is the sign.
+        text += (f" On {check.get('heldout_loss_rows')} held-out harmful examples the response loss is "
+                 f"{check['heldout_loss_active']:.3f} with the vectors on and {check['heldout_loss_inactive']:.3f} "
+                 f"with them off.")
+    if "refusals_with_vectors" in check:
+        text += (f" Greedy answers to {check.get('prompts')} harmful prompts: {check['refusals_with_vectors']} refusals "
+                 f"with the vectors on, {check['refusals_without_vectors']} with them off.")
+    return text
 
 
 if __name__ == "__main__":

@@ -170,6 +170,13 @@ def check_output_free(path, overwrite, flag="--out"):
         raise UserError(f"{flag}: {path} already exists (pass --overwrite to replace it)")
 
 
+def usual_mode(is_dir):
+    """The mode open()/mkdir() would give under the user's umask; mkstemp/mkdtemp make 0600/0700 entries."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
 def write_json_atomic(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
@@ -177,6 +184,7 @@ def write_json_atomic(path, obj):
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, usual_mode(False))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -192,6 +200,10 @@ def new_temp_dir_beside(path):
 
 def commit_dir(tmp_dir, path):
     """Move a fully written temporary directory into place, replacing an old one only at the end."""
+    for folder, _, files in os.walk(tmp_dir):
+        os.chmod(folder, usual_mode(True))
+        for name in files:
+            os.chmod(os.path.join(folder, name), usual_mode(False))
     old = None
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(path)))
@@ -1072,6 +1084,7 @@ def plot_comparison(runs, paths, out):
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
+        os.chmod(tmp, usual_mode(False))
         os.replace(tmp, out)
     finally:
         plt.close(fig)
@@ -1085,6 +1098,7 @@ def write_text_atomic(path, text):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, usual_mode(False))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

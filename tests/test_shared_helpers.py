@@ -257,6 +257,29 @@ def test_commit_dir_and_overwrite_check(h, tmp_path):
     h.check_output_free(str(target), overwrite=True)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_outputs_follow_the_umask(h, tmp_path, umask):
+    """mkstemp/mkdtemp make private entries; outputs must get the modes open()/mkdir() would give."""
+    old = os.umask(umask)
+    try:
+        h.write_json_atomic(str(tmp_path / "out.json"), {"a": 1})
+        tmp = h.new_temp_dir_beside(str(tmp_path / "adapter"))
+        os.makedirs(os.path.join(tmp, "sub"))
+        for name in ("f.bin", os.path.join("sub", "g.bin")):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write("x")
+            os.chmod(os.path.join(tmp, name), 0o600)
+        h.commit_dir(tmp, str(tmp_path / "adapter"))
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777
+    assert mode(tmp_path / "out.json") == 0o666 & ~umask
+    assert mode(tmp_path / "adapter") == 0o777 & ~umask
+    assert mode(tmp_path / "adapter" / "sub") == 0o777 & ~umask
+    assert mode(tmp_path / "adapter" / "f.bin") == 0o666 & ~umask
+    assert mode(tmp_path / "adapter" / "sub" / "g.bin") == 0o666 & ~umask
+
+
 def test_common_args_help_shows_defaults(h):
     import argparse
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
