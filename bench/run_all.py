@@ -1,7 +1,7 @@
 """Runs every benchmark in bench/ and prints one table: figure, ours, baseline, ratio.
 
 Each bench_<script>.py measures its baseline in the same run on the same machine.
-    python bench/run_all.py            # full figures (several minutes on a 2-core CPU)
+    python bench/run_all.py            # full figures (about 20-30 minutes on a 2-core CPU)
     python bench/run_all.py --quick    # smaller sizes, same comparisons
 """
 import argparse
@@ -12,8 +12,10 @@ import platform
 import sys
 import time
 
+from table import print_table
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ("bench_locate_layers", "bench_finetune", "bench_evaluate")
+BENCHES = ("bench_locate_layers", "bench_train_sv", "bench_finetune", "bench_evaluate")
 
 
 def load(name):
@@ -21,12 +23,6 @@ def load(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def fmt(value):
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def main(argv=None):
@@ -47,10 +43,7 @@ def main(argv=None):
     import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{platform.node()} · {device} · torch {torch.__version__}\n")
-    print("| bench | figure | ours | baseline | ratio | unit |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['bench']} | {r['figure']} | {fmt(r['ours'])} | {fmt(r['baseline'])} | {fmt(r['ratio'])} | {r.get('unit', '')} |")
+    print_table(rows, with_bench=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -46,7 +46,10 @@ def make_tokenizer():
     return tokenizer
 
 
-def make_tiny_model(kind, path, num_layers=4, hidden=32, seed=0):
+def make_tiny_model(kind, path, num_layers=4, hidden=32, seed=0, head_scale=1.0):
+    """head_scale > 1 makes a "learnable" model: with a random 0.02-std output layer the logits can move by
+    less than one nat whatever an adapter on the blocks does, so no loss could fall far enough to test
+    training; trained models (and a scaled head) can make confident predictions."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
     tokenizer = make_tokenizer()
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
@@ -57,6 +60,8 @@ def make_tiny_model(kind, path, num_layers=4, hidden=32, seed=0):
     config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

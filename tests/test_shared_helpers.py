@@ -1,8 +1,6 @@
 """The shared helper block: data reading in every format, prompt formatting, model loading, atomic output."""
 import json
 import os
-import subprocess
-import sys
 import types
 
 import pytest

@@ -28,26 +28,14 @@ FAST = ["--lr", "0.01", "--batch-size", "4", "--grad-accum", "1", "--eval-batch-
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
-def learnable_tiny_model(kind, path):
-    """A tiny model whose output layer is scaled up: with the fixtures' 0.02-std lm_head the logits can move by
-    less than one nat whatever the adapter does, so no loss could fall far enough to test anything."""
-    from transformers import AutoModelForCausalLM
-    make_tiny_model(kind, path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    model.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    return learnable_tiny_model("llama", tmp_path_factory.mktemp("learnable-llama"))
+    return make_tiny_model("llama", tmp_path_factory.mktemp("learnable-llama"), head_scale=20)
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory):
-    return learnable_tiny_model("qwen2", tmp_path_factory.mktemp("learnable-qwen2"))
+    return make_tiny_model("qwen2", tmp_path_factory.mktemp("learnable-qwen2"), head_scale=20)
 
 
 @pytest.fixture(scope="module")
