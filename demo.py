@@ -4,8 +4,10 @@
     -> evaluate.py on the base model and the four results -> evaluate.py --compare -> REPORT.md
 
 Everything lands under --out (runs/demo). A step whose outputs are already there is skipped, so an
-interrupted demo picks up where it stopped; --force reruns every step. The defaults are sized for
-the embedded SmolLM2-135M-Instruct on a 2-core CPU (about 15-20 minutes); --quick is a smoke run.
+interrupted demo picks up where it stopped (a step cut off halfway is redone, replacing its leftovers);
+--force reruns every step. Step times are kept in step_times.json, so the report of a resumed demo
+still has them all. The defaults are sized for the embedded SmolLM2-135M-Instruct on a 2-core CPU
+(14.6 minutes of steps on an idle one); --quick is a smoke run.
 
     python demo.py
     python demo.py --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit --scale gpu

@@ -157,6 +157,27 @@ def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def peak_memory_mb(device=None):
+    """(MB, what was measured): the CUDA peak allocation, else this process's peak resident set size.
+    On Linux that is VmHWM from /proc/self/status, not getrusage's ru_maxrss: a process started by a big
+    one (a notebook kernel, a benchmark) inherits the parent's ru_maxrss through vfork + exec."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1), "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1), "cpu_peak_rss"
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "unavailable"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1), "cpu_peak_rss"
+
+
 # -- output files: written to a temporary name, then renamed, so a crash never leaves half a file --
 
 def check_output_free(path, overwrite, flag="--out"):
@@ -1021,16 +1042,6 @@ def init_distributed():
             os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank] if ids else str(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_max_allocated"
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"  # KiB on Linux
-    except ImportError:
-        return None, "unknown"
 
 
 def autocast_context(device):

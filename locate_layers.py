@@ -167,6 +167,27 @@ def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def peak_memory_mb(device=None):
+    """(MB, what was measured): the CUDA peak allocation, else this process's peak resident set size.
+    On Linux that is VmHWM from /proc/self/status, not getrusage's ru_maxrss: a process started by a big
+    one (a notebook kernel, a benchmark) inherits the parent's ru_maxrss through vfork + exec."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1), "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1), "cpu_peak_rss"
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "unavailable"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1), "cpu_peak_rss"
+
+
 # -- output files: written to a temporary name, then renamed, so a crash never leaves half a file --
 
 def check_output_free(path, overwrite, flag="--out"):
@@ -1145,18 +1166,6 @@ def plot_path(out):
     return os.path.splitext(out)[0] + ".png"
 
 
-def peak_memory():
-    """(MB, what was measured): CUDA peak allocation, else the process's peak resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 20, "torch.cuda.max_memory_allocated"
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None, "unavailable"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), "max RSS of this process (getrusage)"
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Hidden states: " + HIDDEN_STATES + ". Stage 1 angle gap = mean "
@@ -1310,7 +1319,7 @@ def locate(args, log=print):
                             f"clearly (McNemar p = {scaling['p_value']:.3g})")
     timing["stage2_scaling"] = time.time() - tick
 
-    memory_mb, memory_kind = peak_memory()
+    memory_mb, memory_kind = peak_memory_mb()
     report = {
         "format": FORMAT, "model": args.model, "fingerprint": model_fingerprint(model), "load_in_4bit": load_in_4bit,
         "num_layers": num_layers, "template": template,

@@ -164,6 +164,27 @@ def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def peak_memory_mb(device=None):
+    """(MB, what was measured): the CUDA peak allocation, else this process's peak resident set size.
+    On Linux that is VmHWM from /proc/self/status, not getrusage's ru_maxrss: a process started by a big
+    one (a notebook kernel, a benchmark) inherits the parent's ru_maxrss through vfork + exec."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1), "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1), "cpu_peak_rss"
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "unavailable"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1), "cpu_peak_rss"
+
+
 # -- output files: written to a temporary name, then renamed, so a crash never leaves half a file --
 
 def check_output_free(path, overwrite, flag="--out"):
@@ -989,16 +1010,6 @@ def run_check(peft_model, tokenizer, template, train_examples, check_rows, *, ma
 
 # -- output --
 
-def peak_memory_mb():
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    try:
-        import resource
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-    except (ImportError, AttributeError):
-        return None
-
-
 def save_security_vectors(peft_model, out, meta):
     """Writes the adapter at the ROOT of out (PEFT would put a non-"default" adapter in out/<name>/) plus
     sv_meta.json, into a temporary directory that replaces out only once everything is written."""
@@ -1105,6 +1116,7 @@ def run(args):
             check["keep_rows"] = len(keep_examples[:args.check_limit])
     timing["check"] = round(time.time() - t0, 2)
 
+    peak_mb, peak_kind = peak_memory_mb()
     meta = {
         "format": META_FORMAT, "model": args.model, "fingerprint": fingerprint, "load_in_4bit": load_in_4bit,
         "template": template, "adapter_name": ADAPTER_NAME,
@@ -1126,7 +1138,7 @@ def run(args):
         "resumed_from": ({"dir": args.resume, "steps": resume_meta.get("steps"),
                           "final_loss": resume_meta.get("final_loss")} if args.resume else None),
         "seed": args.seed, "wall_time_s": round(time.time() - started, 2), "timing_s": timing,
-        "peak_memory_mb": peak_memory_mb(), "device": str(next(peft_model.parameters()).device),
+        "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind, "device": str(next(peft_model.parameters()).device),
         "created_at": now_iso(), "versions": library_versions(),
     }
     save_security_vectors(peft_model, args.out, meta)

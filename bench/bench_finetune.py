@@ -20,7 +20,6 @@ Llama-2-7B-chat).
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -61,7 +60,8 @@ def bench_data(rows, folder):
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    import finetune as ft  # its peak_memory_mb reads VmHWM: ru_maxrss would include this bench's own peak
+    return ft.peak_memory_mb("cpu")[0]
 
 
 def steady_tokens_per_s(step_tokens, step_times):

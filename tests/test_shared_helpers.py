@@ -278,6 +278,31 @@ def test_atomic_outputs_follow_the_umask(h, tmp_path, umask):
     assert mode(tmp_path / "adapter" / "sub" / "g.bin") == 0o666 & ~umask
 
 
+def test_peak_memory_is_this_process_not_a_big_parent(h, tmp_path):
+    """getrusage's ru_maxrss survives vfork + exec, so a script started by a big process (a notebook kernel,
+    a benchmark) would report the parent's peak; peak_memory_mb must report its own."""
+    import subprocess
+    import sys
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("VmHWM is Linux-only")
+    before, kind = h.peak_memory_mb("cpu")
+    ballast = bytearray(300 * 2 ** 20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page so it is resident
+    assert kind == "cpu_peak_rss" and h.peak_memory_mb("cpu")[0] >= before + 250
+    child = tmp_path / "child.py"
+    child.write_text(HEADER + open(os.path.join(ROOT, "tools", "shared_block.py")).read()
+                     + "\nimport resource\nprint(peak_memory_mb('cpu')[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    big = "x = bytearray(2048 * 2 ** 20); x[::4096] = b'\\1' * len(x[::4096])\n" \
+          f"import subprocess, sys; sys.stdout.write(subprocess.run([sys.executable, {str(child)!r}], " \
+          "capture_output=True, text=True, check=True).stdout)"
+    ours, inherited = map(float, subprocess.run([sys.executable, "-c", big], capture_output=True, text=True,
+                                                 check=True).stdout.split())
+    # Here the child's ru_maxrss holds the parent's 2 GiB (what the old getrusage-based figure reported);
+    # the child itself (python + torch) is far smaller.
+    assert ours < 1500 and ours < inherited
+    del ballast
+
+
 def test_common_args_help_shows_defaults(h):
     import argparse
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
