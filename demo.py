@@ -94,18 +94,38 @@ def load_step_times(path):
     return times if isinstance(times, dict) else {}
 
 
+def check_same_settings(path, settings, force):
+    """Finished steps are reused only for the same model and sizes: a --scale quick folder must not pass for
+    a full run. Checked before any work starts."""
+    if force or not os.path.exists(path):
+        return
+    try:
+        before = load_json(path)
+    except ValueError:
+        before = None
+    if before != settings:
+        sys.exit(f"demo: {shown(path)} records another run ({json.dumps(before)}); pass --force to replace it, "
+                 f"or choose another --out")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="model for every step (default: embedded SmolLM2-135M)")
     parser.add_argument("--load-in-4bit", action="store_true", help="4-bit base for training and evaluation")
     parser.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="step sizes (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="same as --scale quick")
-    parser.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default: runs/demo)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: runs/demo, or runs/demo-SCALE for another scale)")
     parser.add_argument("--force", action="store_true", help="rerun every step, replacing its outputs")
     args = parser.parse_args(argv)
-    scale = SCALES["quick" if args.quick else args.scale]
-    out = os.path.abspath(args.out)
+    if args.quick:
+        args.scale = "quick"
+    scale = SCALES[args.scale]
+    out = os.path.abspath(args.out or os.path.join("runs", "demo" if args.scale == "cpu" else f"demo-{args.scale}"))
+    settings = {"model": args.model, "scale": args.scale, "load_in_4bit": args.load_in_4bit}
+    check_same_settings(os.path.join(out, "demo_settings.json"), settings, args.force)
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    write_text_atomic(os.path.join(out, "demo_settings.json"), json.dumps(settings, indent=2) + "\n")
     common = ["--model", args.model] + (["--load-in-4bit"] if args.load_in_4bit else ["--no-load-in-4bit"])
     paths = {"safety_layers": os.path.join(out, "safety_layers.json"),
              "security_vectors": os.path.join(out, "security_vectors")}
@@ -147,26 +167,26 @@ def main(argv=None):
     table_text = "\n".join(line for line in table.stdout.splitlines() if not line.startswith("wrote ")) + "\n"
     write_text_atomic(compare_md, table_text)
     report = os.path.join(out, "REPORT.md")
-    write_text_atomic(report, build_report(args, paths, evals, table_text, times))
+    write_text_atomic(report, build_report(args, paths, table_text, times))
     print("\n" + table_text.strip())
     print(f"\ndemo finished: this invocation took {(time.time() - started) / 60:.1f} min")
     print(f"outputs in {shown(out)}/; report: {shown(report)}")
 
 
-def build_report(args, paths, evals, table, times):
+def build_report(args, paths, table, times):
     layers = load_json(paths["safety_layers"])
     sv = load_json(os.path.join(paths["security_vectors"], "sv_meta.json"))
     known = [t for t in times.values() if t is not None]
     total = f"{sum(known) / 60:.1f} minutes of step time" + ("" if len(known) == len(times) else
                                                             " (some steps' times are unknown, see below)")
-    command = "python demo.py" + (" --quick" if args.quick else f" --scale {args.scale}" if args.scale != "cpu" else "")
+    command = "python demo.py" + ("" if args.scale == "cpu" else f" --scale {args.scale}")
     command += "" if args.model == "default" else f" --model {args.model}"
     command += " --load-in-4bit" if args.load_in_4bit else ""
     lines = [
         "# Demo report",
         "",
         f"Run on {datetime.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPU cores), "
-        f"model `{args.model}`, scale `{'quick' if args.quick else args.scale}`, {total}. Command: `{command}`.",
+        f"model `{args.model}`, scale `{args.scale}`, {total}. Command: `{command}`.",
         "",
         "## Results",
         "",

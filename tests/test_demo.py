@@ -82,3 +82,13 @@ def test_a_failing_step_stops_the_demo_and_names_it(tmp_path):
     assert result.returncode != 0
     assert "step '1/11 locate the safety layers' failed" in result.stderr
     assert not (tmp_path / "run" / "REPORT.md").exists()
+
+
+def test_a_folder_from_other_settings_is_not_reused(demo_run):
+    """A --quick folder must not pass for a full run: refused before any step starts, unless --force."""
+    out, _, model = demo_run
+    result = run_demo("--scale", "cpu", "--model", model, "--out", str(out))
+    assert result.returncode != 0
+    assert "demo_settings.json records another run" in result.stderr and "--force" in result.stderr
+    assert "[run ]" not in result.stdout and "[skip]" not in result.stdout
+    assert json.loads((out / "demo_settings.json").read_text())["scale"] == "quick"
