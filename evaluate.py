@@ -30,6 +30,7 @@ Examples:
   python evaluate.py --compare runs/eval/base.json runs/eval/lora.json --plot runs/eval/compare.png
 """
 import argparse
+import contextlib
 import csv
 import datetime
 import hashlib
@@ -198,19 +199,42 @@ def usual_mode(is_dir):
     return (0o777 if is_dir else 0o666) & ~umask
 
 
-def write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+@contextlib.contextmanager
+def atomic_file(path, suffix=""):
+    """Yields a temporary path beside `path` to write; it is renamed onto `path` only when the block ends
+    without an error, so a crash never leaves half a file and never touches the old one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        yield tmp
         os.chmod(tmp, usual_mode(False))
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def write_text_atomic(path, text):
+    with atomic_file(path, os.path.splitext(path)[1]) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json_file(path, flag):
+    """A JSON file named by a flag; bad or unreadable content is a one-line UserError naming both."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag}: {path} is not valid JSON ({e})")
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path} ({e})")
 
 
 def new_temp_dir_beside(path):
@@ -710,16 +734,6 @@ def response_loss_sums(model, tokenizer, rows, template, batch_size, max_length)
 
 # ---- adapters ----
 
-def read_json_file(path, flag):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{flag}: {path} is not valid JSON ({e})")
-    except OSError as e:
-        raise UserError(f"{flag}: cannot read {path} ({e})")
-
-
 def read_run_meta(directory, flag):
     """(file name, dict) of the train_log.json / sv_meta.json that finetune.py / train_sv.py left in a dir."""
     for name in ADAPTER_META_FILES:
@@ -997,11 +1011,7 @@ def markdown_summary(result):
 def read_eval_file(path):
     if not os.path.isfile(path):
         raise UserError(f"--compare: {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            run = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--compare: {path} is not valid JSON ({e})")
+    run = read_json_file(path, "--compare")
     if not isinstance(run, dict) or run.get("format") != EVAL_FORMAT:
         found = run.get("format") if isinstance(run, dict) else type(run).__name__
         raise UserError(f"--compare: {path} is not an evaluate.py result (format {found!r}, expected {EVAL_FORMAT!r})")
@@ -1100,31 +1110,11 @@ def plot_comparison(runs, paths, out):
     ax_loss.set_xticks(range(len(runs)), labels, rotation=45, ha="right", fontsize=7)
     ax_loss.set_title("response loss\n(lower is better)", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(out)))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.chmod(tmp, usual_mode(False))
-        os.replace(tmp, out)
+        with atomic_file(out, ".png") as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, usual_mode(False))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def compare(args):

@@ -192,19 +192,42 @@ def usual_mode(is_dir):
     return (0o777 if is_dir else 0o666) & ~umask
 
 
-def write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+@contextlib.contextmanager
+def atomic_file(path, suffix=""):
+    """Yields a temporary path beside `path` to write; it is renamed onto `path` only when the block ends
+    without an error, so a crash never leaves half a file and never touches the old one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        yield tmp
         os.chmod(tmp, usual_mode(False))
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def write_text_atomic(path, text):
+    with atomic_file(path, os.path.splitext(path)[1]) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json_file(path, flag):
+    """A JSON file named by a flag; bad or unreadable content is a one-line UserError naming both."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag}: {path} is not valid JSON ({e})")
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path} ({e})")
 
 
 def new_temp_dir_beside(path):
@@ -608,11 +631,7 @@ def read_freeze_spec(spec):
         return {"start": start, "end": end, "source": "range", "num_layers": None}
     if not os.path.isfile(spec):
         raise UserError(f"--freeze-layers: '{spec}' is neither a range like 6-12 nor an existing safety_layers.json")
-    try:
-        with open(spec, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--freeze-layers: {spec} is not valid JSON ({e})")
+    data = read_json_file(spec, "--freeze-layers")
     found = data.get("format") if isinstance(data, dict) else type(data).__name__
     if not isinstance(data, dict) or data.get("format") != SAFETY_LAYERS_FORMAT:
         raise UserError(f"--freeze-layers: {spec} is not a safety_layers.json (format {found!r}, "
@@ -653,11 +672,7 @@ def find_security_vectors(path):
     if not any(os.path.isfile(os.path.join(adapter_dir, name))
                for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise UserError(f"--security-vectors: no adapter_model.safetensors in {adapter_dir}")
-    try:
-        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
-            adapter_config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--security-vectors: {adapter_dir}/adapter_config.json is not valid JSON ({e})")
+    adapter_config = read_json_file(os.path.join(adapter_dir, "adapter_config.json"), "--security-vectors")
     if adapter_config.get("peft_type") != "LORA":
         # Two adapters can only be active at once in one PeftModel when both are LoRA.
         raise UserError(f"--security-vectors: {path} is a {adapter_config.get('peft_type')} adapter; "
@@ -665,11 +680,7 @@ def find_security_vectors(path):
     meta = None
     meta_path = os.path.join(path, "sv_meta.json")
     if os.path.isfile(meta_path):
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"--security-vectors: {meta_path} is not valid JSON ({e})")
+        meta = read_json_file(meta_path, "--security-vectors")
         if not isinstance(meta, dict) or meta.get("format") != SECURITY_VECTORS_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise UserError(f"--security-vectors: {meta_path} has format {found!r}, "
@@ -686,11 +697,7 @@ def read_checkpoint(path):
     state_path = os.path.join(path, "state.json")
     if not os.path.isfile(state_path):
         raise UserError(f"--resume: {path} is not a finetune.py checkpoint (no state.json)")
-    try:
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--resume: {state_path} is not valid JSON ({e})")
+    state = read_json_file(state_path, "--resume")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--resume: {state_path} is not a {CHECKPOINT_FORMAT} checkpoint")
     for name in ("trainable.safetensors", "optimizer.pt"):
@@ -1322,7 +1329,7 @@ def finetune(args):
         "tokens_per_s": round(session["tokens"] / max(session["time_s"], 1e-9), 2),
         "s_per_step": round(session["time_s"] / max(session["steps"], 1), 4),
         "train_time_s": round(progress["train_time_s"], 3),
-        "peak_memory_mb": round(peak_mb, 1) if peak_mb is not None else None, "peak_memory_kind": peak_kind,
+        "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
         "world_size": world, "rank_rows": rank_rows, "rank_overlap": rank_overlap,
         "resumed_from": args.resume, "checkpoints": saved_checkpoints,
         "seed": args.seed, "created_at": now_iso(), "versions": library_versions(),

@@ -202,19 +202,42 @@ def usual_mode(is_dir):
     return (0o777 if is_dir else 0o666) & ~umask
 
 
-def write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+@contextlib.contextmanager
+def atomic_file(path, suffix=""):
+    """Yields a temporary path beside `path` to write; it is renamed onto `path` only when the block ends
+    without an error, so a crash never leaves half a file and never touches the old one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        yield tmp
         os.chmod(tmp, usual_mode(False))
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def write_text_atomic(path, text):
+    with atomic_file(path, os.path.splitext(path)[1]) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json_file(path, flag):
+    """A JSON file named by a flag; bad or unreadable content is a one-line UserError naming both."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag}: {path} is not valid JSON ({e})")
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path} ({e})")
 
 
 def new_temp_dir_beside(path):
@@ -1125,14 +1148,8 @@ def plot_results(path, report, cosine):
                            f"spread {scaling['lower_sweep_spread']}, McNemar p = {scaling['p_value']:.3g}", fontsize=9)
         ax_sweep.grid(alpha=0.3)
         ax_sweep.legend(fontsize=8, loc="best")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    try:
+    with atomic_file(path, ".png") as tmp:
         fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -- command line --
@@ -1336,7 +1353,7 @@ def locate(args, log=print):
                    "angle_mm_deg": cosine["angle"]["mm"].tolist(), "gap_deg": gap.tolist()},
         "scaling": scaling, "prefix_sharing": share_prefix, "batch_size": args.batch_size, "data": data,
         "seed": args.seed, "created_at": now_iso(), "versions": library_versions(),
-        "timing_s": {}, "peak_memory_mb": None if memory_mb is None else round(memory_mb, 1),
+        "timing_s": {}, "peak_memory_mb": memory_mb,
         "peak_memory_kind": memory_kind, "plot": plot_path(args.out),
     }
     tick = time.time()

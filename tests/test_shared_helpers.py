@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, write_jsonl
 
 HEADER = """
-import argparse, csv, datetime, hashlib, importlib.util, io, json, os, random, shutil, sys, tempfile, time
+import argparse, contextlib, csv, datetime, hashlib, importlib.util, io, json, os, random, shutil, sys, tempfile, time
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -240,6 +240,30 @@ def test_write_json_atomic_leaves_no_partial_file(h, tmp_path):
         h.write_json_atomic(str(path), {"a": object()})  # not serialisable: fails midway
     assert json.loads(path.read_text()) == {"a": 1}
     assert sorted(os.listdir(tmp_path)) == ["out.json"]
+
+
+def test_atomic_file_keeps_the_old_file_when_writing_fails(h, tmp_path):
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with h.atomic_file(str(path), ".png") as tmp:
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("savefig failed")
+    assert path.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["plot.png"]
+    with h.atomic_file(str(path), ".png") as tmp:
+        open(tmp, "wb").write(b"new")
+    assert path.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["plot.png"]
+
+
+def test_read_json_file_names_the_flag_and_the_file(h, tmp_path):
+    bad = tmp_path / "state.json"
+    bad.write_text("{oops")
+    with pytest.raises(h.UserError, match=r"^--resume: .*state.json is not valid JSON"):
+        h.read_json_file(str(bad), "--resume")
+    with pytest.raises(h.UserError, match=r"^--resume: cannot read .*missing.json"):
+        h.read_json_file(str(tmp_path / "missing.json"), "--resume")
+    bad.write_text('{"a": [1]}')
+    assert h.read_json_file(str(bad), "--resume") == {"a": [1]}
 
 
 def test_commit_dir_and_overwrite_check(h, tmp_path):
