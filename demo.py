@@ -1,16 +1,19 @@
 """demo.py — the whole chain on one model, end to end, with a report.
 
-    locate_layers.py -> train_sv.py -> finetune.py x4 (plain LoRA, SPPFT, security vectors, both)
-    -> evaluate.py on the base model and the four results -> evaluate.py --compare -> REPORT.md
+    locate_layers.py -> train_sv.py -> finetune.py x5 (a benign control on the task rows alone, then
+    plain LoRA, SPPFT, security vectors and both on the task rows mixed with harmful rows)
+    -> evaluate.py on the base model and the five results -> evaluate.py --compare -> REPORT.md
+
+The control separates what benign fine-tuning erodes by itself from what the harmful rows add.
 
 Everything lands under --out (runs/demo). A step whose outputs are already there is skipped, so an
 interrupted demo picks up where it stopped (a step cut off halfway is redone, replacing its leftovers);
 --force reruns every step. Step times are kept in step_times.json, so the report of a resumed demo
-still has them all. The defaults are sized for the embedded SmolLM2-135M-Instruct on a 2-core CPU
-(14.6 minutes of steps on an idle one); --quick is a smoke run.
+still has them all. --size cpu runs SmolLM2-135M-Instruct (fast, barely aligned) on a 2-core CPU;
+--quick is a smoke run.
 
     python demo.py
-    python demo.py --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit --scale gpu
+    python demo.py --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit --size gpu
 """
 import argparse
 import datetime
@@ -22,24 +25,31 @@ import subprocess
 import sys
 import time
 
+from safeft import read_json_file, write_json_atomic, write_text_atomic
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# Step sizes. "cpu" fits the 135M default on a 2-core CPU; "gpu" is closer to the papers' settings;
-# "quick" only proves the chain runs.
-SCALES = {
-    "quick": dict(ll=["--limit", "24", "--pairs", "100", "--search-radius", "1"],
-                  sv=["--max-steps", "4"], ft=["--max-steps", "4"], ev=["--limit", "8", "--max-new-tokens", "16"]),
-    # alpha 1.2 is the paper's value for its three alpha>1 models; "auto" would try several alphas.
-    "cpu": dict(ll=["--limit", "100", "--alpha", "1.2", "--search-radius", "2"], sv=["--max-steps", "20"],
-                ft=["--max-steps", "12", "--lr", "5e-4"],
+# Step sizes. "cpu" fits SmolLM2-135M on a 2-core CPU; "gpu" is closer to the papers' settings;
+# "quick" only proves the chain runs. model=None means --model (the scripts' default) is used.
+SIZES = {
+    "quick": dict(model="smollm2", ll=["--limit", "24", "--pairs", "100", "--search-radius", "1"],
+                  sv=["--max-steps", "4"], ft=["--max-steps", "4"],
+                  ev=["--limit", "8", "--max-new-tokens", "16", "--task-max-new-tokens", "16"]),
+    # layer scale 1.2 is the paper's value for its three scale>1 models; "auto" would try several.
+    "cpu": dict(model="smollm2", ll=["--limit", "100", "--scale", "1.2", "--search-radius", "2"],
+                sv=["--max-steps", "20"], ft=["--max-steps", "12", "--lr", "5e-4"],
                 ev=["--limit", "40", "--max-new-tokens", "32"]),
-    "gpu": dict(ll=[], sv=[], ft=[], ev=[]),
+    "gpu": dict(model=None, ll=[], sv=[], ft=[], ev=[]),
 }
-RUNS = (  # name, extra finetune.py flags, what it shows
-    ("lora", [], "plain LoRA on the mixed data (the harmful fine-tuning attack)"),
-    ("sppft", ["--freeze-layers", "{safety_layers}"], "LoRA with the safety layers frozen (SPPFT)"),
-    ("sv", ["--security-vectors", "{security_vectors}"], "LoRA with the security vectors active"),
-    ("both", ["--freeze-layers", "{safety_layers}", "--security-vectors", "{security_vectors}"], "both defences"),
+DATA = {"mixed": os.path.join(ROOT, "data", "mixed_train.jsonl"),  # task rows + ~9% harmful rows
+        "task": os.path.join(ROOT, "data", "task_train.jsonl")}  # the same task rows alone
+RUNS = (  # name, training data, extra finetune.py flags, what it shows
+    ("control", "task", [], "plain LoRA on the task rows alone (benign fine-tuning control)"),
+    ("lora", "mixed", [], "plain LoRA on the mixed data (the harmful fine-tuning attack)"),
+    ("sppft", "mixed", ["--freeze-layers", "{safety_layers}"], "LoRA with the safety layers frozen (SPPFT)"),
+    ("sv", "mixed", ["--security-vectors", "{security_vectors}"], "LoRA with the security vectors active"),
+    ("both", "mixed", ["--freeze-layers", "{safety_layers}", "--security-vectors", "{security_vectors}"],
+     "both defences"),
 )
 
 
@@ -72,30 +82,23 @@ def run_step(key, title, outputs, command, force, times):
 
 
 def load_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_text_atomic(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return read_json_file(path, "demo")
 
 
 def load_step_times(path):
     """Step times recorded by earlier invocations: a demo restarted after an interruption still reports them."""
     if not os.path.exists(path):
         return {}
-    try:
-        times = load_json(path)
-    except ValueError:
-        return {}
+    with open(path) as f:
+        try:
+            times = json.load(f)
+        except ValueError:
+            return {}
     return times if isinstance(times, dict) else {}
 
 
 def check_same_settings(path, settings, force):
-    """Finished steps are reused only for the same model and sizes: a --scale quick folder must not pass for
+    """Finished steps are reused only for the same model and sizes: a --size quick folder must not pass for
     a full run. Checked before any work starts."""
     if force or not os.path.exists(path):
         return
@@ -110,23 +113,27 @@ def check_same_settings(path, settings, force):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="model for every step (default: embedded SmolLM2-135M)")
+    parser.add_argument("--model", default=None,
+                        help="model for every step (default: smollm2 for --size cpu/quick, the scripts' default "
+                             "model for --size gpu)")
     parser.add_argument("--load-in-4bit", action="store_true", help="4-bit base for training and evaluation")
-    parser.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="step sizes (default: cpu)")
-    parser.add_argument("--quick", action="store_true", help="same as --scale quick")
+    parser.add_argument("--size", default="cpu", choices=sorted(SIZES), help="step sizes (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="same as --size quick")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: runs/demo, or runs/demo-SCALE for another scale)")
+                        help="output folder (default: runs/demo, or runs/demo-SIZE for another size)")
     parser.add_argument("--force", action="store_true", help="rerun every step, replacing its outputs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.scale = "quick"
-    scale = SCALES[args.scale]
-    out = os.path.abspath(args.out or os.path.join("runs", "demo" if args.scale == "cpu" else f"demo-{args.scale}"))
-    settings = {"model": args.model, "scale": args.scale, "load_in_4bit": args.load_in_4bit}
+        args.size = "quick"
+    size = SIZES[args.size]
+    args.model = args.model or size["model"]
+    out = os.path.abspath(args.out or os.path.join("runs", "demo" if args.size == "cpu" else f"demo-{args.size}"))
+    settings = {"model": args.model, "size": args.size, "load_in_4bit": args.load_in_4bit}
     check_same_settings(os.path.join(out, "demo_settings.json"), settings, args.force)
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)
-    write_text_atomic(os.path.join(out, "demo_settings.json"), json.dumps(settings, indent=2) + "\n")
-    common = ["--model", args.model] + (["--load-in-4bit"] if args.load_in_4bit else ["--no-load-in-4bit"])
+    write_json_atomic(os.path.join(out, "demo_settings.json"), settings)
+    common = (["--model", args.model] if args.model else []) + (
+        ["--load-in-4bit"] if args.load_in_4bit else ["--no-load-in-4bit"])
     paths = {"safety_layers": os.path.join(out, "safety_layers.json"),
              "security_vectors": os.path.join(out, "security_vectors")}
     started = time.time()
@@ -138,24 +145,24 @@ def main(argv=None):
 
     def step(title, outputs, command):
         run_step(title, f"{next(number)}/{steps} {title}", outputs, command, args.force, times)
-        write_text_atomic(times_path, json.dumps(times, indent=2) + "\n")
+        write_json_atomic(times_path, times)
 
     step("locate the safety layers", [paths["safety_layers"]],
-         script("locate_layers.py") + common + ["--out", paths["safety_layers"]] + scale["ll"])
+         script("locate_layers.py") + common + ["--out", paths["safety_layers"]] + size["ll"])
     step("train security vectors", [os.path.join(paths["security_vectors"], "sv_meta.json")],
-         script("train_sv.py") + common + ["--out", paths["security_vectors"]] + scale["sv"])
-    for name, extra, what in RUNS:
+         script("train_sv.py") + common + ["--out", paths["security_vectors"]] + size["sv"])
+    for name, data, extra, what in RUNS:
         run_dir = os.path.join(out, f"ft_{name}")
         step(f"fine-tune {name}: {what}", [os.path.join(run_dir, "train_log.json")],
-             script("finetune.py") + common + ["--data", os.path.join(ROOT, "data", "mixed_train.jsonl"),
-                                               "--out", run_dir] + [e.format(**paths) for e in extra] + scale["ft"])
+             script("finetune.py") + common + ["--data", DATA[data], "--out", run_dir]
+             + [e.format(**paths) for e in extra] + size["ft"])
     evals = []
-    for name, adapter in [("base", None)] + [(n, os.path.join(out, f"ft_{n}")) for n, _, _ in RUNS]:
+    for name, adapter in [("base", None)] + [(n, os.path.join(out, f"ft_{n}")) for n, *_ in RUNS]:
         eval_path = os.path.join(out, "eval", f"{name}.json")
         evals.append(eval_path)
         step(f"evaluate {name}", [eval_path, eval_path[:-5] + ".md"],
              script("evaluate.py") + common + ["--name", name, "--out", eval_path]
-             + (["--adapter", adapter] if adapter else []) + scale["ev"])
+             + (["--adapter", adapter] if adapter else []) + size["ev"])
 
     compare_md = os.path.join(out, "comparison.md")
     compare_png = os.path.join(out, "comparison.png")
@@ -179,14 +186,14 @@ def build_report(args, paths, table, times):
     known = [t for t in times.values() if t is not None]
     total = f"{sum(known) / 60:.1f} minutes of step time" + ("" if len(known) == len(times) else
                                                             " (some steps' times are unknown, see below)")
-    command = "python demo.py" + ("" if args.scale == "cpu" else f" --scale {args.scale}")
-    command += "" if args.model == "default" else f" --model {args.model}"
+    command = "python demo.py" + ("" if args.size == "cpu" else f" --size {args.size}")
+    command += "" if args.model == SIZES[args.size]["model"] else f" --model {args.model}"
     command += " --load-in-4bit" if args.load_in_4bit else ""
     lines = [
         "# Demo report",
         "",
         f"Run on {datetime.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPU cores), "
-        f"model `{args.model}`, scale `{args.scale}`, {total}. Command: `{command}`.",
+        f"model `{args.model or 'default'}`, size `{args.size}`, {total}. Command: `{command}`.",
         "",
         "## Results",
         "",
@@ -226,7 +233,8 @@ def describe_layers(layers):
 
 def describe_sv(sv):
     check = sv.get("check", {})
-    text = f"Trained for {len(sv.get('losses', []))} steps, final training loss {sv.get('final_loss', float('nan')):.3f}."
+    final_loss = sv.get("final_loss", float("nan"))
+    text = f"Trained for {len(sv.get('losses', []))} steps, final training loss {final_loss:.3f}."
     if "heldout_loss_active" in check:
         # Security vectors work by making the harmful responses already likely while they are on, so the
         # fine-tune has little loss left to learn them from; a clear active < inactive gap is the sign.
@@ -234,8 +242,8 @@ def describe_sv(sv):
                  f"{check['heldout_loss_active']:.3f} with the vectors on and {check['heldout_loss_inactive']:.3f} "
                  f"with them off.")
     if "refusals_with_vectors" in check:
-        text += (f" Greedy answers to {check.get('prompts')} harmful prompts: {check['refusals_with_vectors']} refusals "
-                 f"with the vectors on, {check['refusals_without_vectors']} with them off.")
+        text += (f" Greedy answers to {check.get('prompts')} harmful prompts: {check['refusals_with_vectors']} "
+                 f"refusals with the vectors on, {check['refusals_without_vectors']} with them off.")
     return text
 
 

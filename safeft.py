@@ -392,117 +392,235 @@ def output_dir(path, overwrite):
 
 PROMPT_FIELDS = ("prompt", "instruction", "goal", "question", "query", "forbidden_prompt", "Behavior")
 RESPONSE_FIELDS = ("response", "output", "target", "answer", "completion")
+CHAT_FIELDS = ("messages", "conversations")  # TRL/OpenAI role/content lists; ShareGPT from/value lists
+CHAT_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+# Label values that count (any case). Numbers are never guessed: sets disagree on whether 1 means unsafe.
+LABELS = {"unsafe": "unsafe", "harmful": "unsafe", "safe": "safe", "benign": "safe", "harmless": "safe"}
+
+
+class Rows(list):
+    """read_rows' rows, with .notes: what the reader dropped or selected, for the run's JSON record."""
+
+    def __init__(self, rows=(), notes=()):
+        super().__init__(rows)
+        self.notes = list(notes)
+
+
+def _kind(value):
+    names = {type(None): "missing", str: "text", bool: "a boolean", int: "a number", float: "a number",
+             list: "a list", dict: "a dict"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _text(record, key, where, numbers=False):
+    """The field's text (None when absent); any other type is an error, never its Python repr."""
+    value = record.get(key) if key else None
+    if numbers and type(value) in (int, float):
+        return str(value)  # a bare number: an evaluation set's reference answer
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: field '{key}' is {_kind(value)}, expected text")
+    return value
 
 
 def _pick_field(keys, wanted, candidates, path, what):
+    """The field to read: the one asked for, else the first candidate present (exact name first, then any case)."""
     if wanted:
         if wanted not in keys:
             raise UserError(f"{path}: no field '{wanted}' (fields: {', '.join(map(str, keys))})")
         return wanted
-    for name in candidates:
-        if name in keys:
-            return name
     lowered = {str(k).lower(): k for k in keys}
-    for name in candidates:
-        if name.lower() in lowered:
-            return lowered[name.lower()]
-    if what == "prompt":
+    found = next((n for n in candidates if n in keys), None) or next(
+        (lowered[n.lower()] for n in candidates if n.lower() in lowered), None)
+    if found is None and what == "prompt":
+        header = "; the first line of a CSV is its header" if str(path).lower().endswith(".csv") else ""
         raise UserError(f"{path}: no {what} field found among {', '.join(map(str, keys))} "
-                        f"(expected one of {', '.join(candidates)}; use --{what}-field)")
-    return None
+                        f"(expected one of {', '.join(candidates)}; use --{what}-field{header})")
+    return found
+
+
+def _table_records(path):
+    """The rows of a Parquet file (pyarrow) or of a folder written by datasets' save_to_disk, as dicts."""
+    if not os.path.isdir(path):
+        import pyarrow.parquet
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(f"{path}: not a readable Parquet file ({e})")
+    import datasets
+    try:
+        data = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: a folder, but not one written by datasets' save_to_disk")
+    if isinstance(data, datasets.DatasetDict):
+        if len(data) != 1:
+            raise UserError(f"{path} holds the splits {', '.join(data)}: give one, e.g. "
+                            f"{os.path.join(path, next(iter(data)))}")
+        data = next(iter(data.values()))
+    return data.to_list()
 
 
 def _raw_records(path):
-    """Yields (line number, dict or str) for every row of a data file."""
+    """[(where, number, record)] for every row: record is a dict, or a str in one-prompt-per-line text; where
+    is FILE:LINE, or FILE: row N (Parquet, datasets) / item N (JSON list) where there are no lines to name."""
     ext = os.path.splitext(path)[1].lower()
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    if os.path.isdir(path) or ext == ".parquet":
+        return [(f"{path}: row {n}", n, r) for n, r in enumerate(_table_records(path), 1)]
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of a name
         text = f.read()
-    if ext == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})")
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
-    elif ext == ".json":
+    if ext == ".json":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
-        if isinstance(records, dict):  # {"data": [...]} and similar wrappers
-            lists = [v for v in records.values() if isinstance(v, list)]
-            records = lists[0] if len(lists) == 1 else None
-        if not isinstance(records, list):
-            raise UserError(f"{path}: expected a JSON list of objects")
-        for number, record in enumerate(records, 1):
-            if not isinstance(record, (dict, str)):
-                raise UserError(f"{path}: item {number}: expected an object, got {type(record).__name__}")
-            yield number, record
-    elif ext == ".csv":
-        rows = list(csv.reader(io.StringIO(text)))
-        header = rows[0] if rows else []
-        known = {n.lower() for n in PROMPT_FIELDS + RESPONSE_FIELDS}
-        if any(h.strip().lower() in known for h in header) or len(header) > 1:
-            header = [h.strip() for h in header]
-            for number, row in enumerate(rows[1:], 2):
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    raise UserError(f"{path}:{number}: {len(row)} columns, header has {len(header)}")
-                yield number, dict(zip(header, row))
-        else:  # one column, no header: one prompt per row
-            for number, row in enumerate(rows, 1):
-                if row and row[0].strip():
-                    yield number, row[0]
-    else:  # .txt and anything else: one prompt per line
-        for number, line in enumerate(text.splitlines(), 1):
+            if e.msg != "Extra data":  # "Extra data" after the first object: JSON Lines named .json
+                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
+            ext = ".jsonl"
+        else:
+            if isinstance(records, dict):  # {"data": [...]} and similar wrappers
+                lists = [v for v in records.values() if isinstance(v, list)]
+                records = lists[0] if len(lists) == 1 else None
+            if not isinstance(records, list):
+                raise UserError(f"{path}: expected a JSON list of objects")
+            return [(f"{path}: item {n}", n, r) for n, r in enumerate(records, 1)]
+    out = []
+    if ext == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                yield number, line.strip()
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})")
+                out.append((f"{path}:{n}", n, record))
+    elif ext == ".csv":  # always a header, also with one column: a headerless file would lose its first row
+        reader = csv.reader(io.StringIO(text))
+        header = [h.strip() for h in next(reader, [])]
+        start = reader.line_num + 1
+        for row in reader:  # a quoted cell may span lines: a row is named by the line it starts on
+            if any(cell.strip() for cell in row):
+                if len(row) != len(header):
+                    raise UserError(f"{path}:{start}: {len(row)} columns, header has {len(header)}")
+                out.append((f"{path}:{start}", start, dict(zip(header, row))))
+            start = reader.line_num + 1
+    else:  # .txt and anything else: one prompt per line
+        out = [(f"{path}:{n}", n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return out
 
 
-def read_rows(path, prompt_field=None, response_field=None, need_response=False, limit=None, flag="--data"):
-    """Reads a data file into [{"prompt", "response" (or None), "line", "fields"}]; errors name file and line."""
+def _conversation(value, key, where):
+    """A TRL (role/content) or ShareGPT (from/value) message list as [{"role", "content"}]."""
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise UserError(f"{where}: field '{key}' is {_kind(value)}, expected a list of messages")
+    messages = []
+    for i, message in enumerate(value, 1):
+        role, content = message.get("role", message.get("from")), message.get("content", message.get("value"))
+        if not isinstance(role, str) or role.lower() not in CHAT_ROLES:
+            raise UserError(f"{where}: message {i} of '{key}' has role {role!r} "
+                            f"(expected one of {', '.join(CHAT_ROLES)})")
+        if not isinstance(content, str):
+            raise UserError(f"{where}: message {i} of '{key}' has content that is {_kind(content)}, expected text")
+        messages.append({"role": CHAT_ROLES[role.lower()], "content": content})
+    return messages
+
+
+def _row(where, number, record, prompt_key, response_key, chat_key, need_response):
+    """One record as a row. Chat data: messages = the whole conversation, prompt = its last user turn (to
+    show), response = the assistant turns after it. Alpaca: a non-empty input field is kept beside the prompt."""
+    if isinstance(record, str):  # a line of text, or a string in a JSON list
+        record, prompt_key, response_key, chat_key = {"prompt": record}, "prompt", None, None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    row = {"prompt": None, "input": None, "messages": None, "response": None, "label": None, "line": number,
+           "fields": record}
+    key = chat_key or prompt_key
+    value = record.get(key)
+    if chat_key or (isinstance(value, list) and value and all(isinstance(m, dict) for m in value)):
+        messages = _conversation(value, key, where)
+        completion = None if chat_key else record.get(response_key)  # TRL prompt/completion pairs
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}] if completion.strip() else None
+        if completion is not None:
+            messages += _conversation(completion, response_key, where)
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise UserError(f"{where}: the conversation in '{key}' has no user turn")
+        answers = [m["content"] for m in messages[users[-1] + 1:] if m["role"] == "assistant"]
+        row.update(messages=messages, prompt=messages[users[-1]]["content"].strip(),
+                   response="\n\n".join(answers) or None)
+        if not row["prompt"]:
+            raise UserError(f"{where}: the last user turn in '{key}' is empty")
+        return row
+    prompt = _text(record, prompt_key, where)
+    if not prompt or not prompt.strip():
+        raise UserError(f"{where}: empty or missing prompt field '{prompt_key}'")
+    extra = _text(record, "input", where) if prompt_key != "input" else None
+    row.update(prompt=prompt.strip(), input=extra.strip() if extra and extra.strip() else None,
+               response=_text(record, response_key, where, numbers=not need_response))
+    return row
+
+
+def read_rows(path, prompt_field=None, response_field=None, need_response=False, limit=None, flag="--data",
+              label=None, label_field=None):
+    """Reads a data file (or datasets folder) into rows {"prompt", "input", "messages", "response", "label",
+    "line", "fields"}; errors name file and line. label="unsafe"/"safe" keeps the rows the label column (named
+    label, or label_field; "none" turns it off) marks so; a file without that column is kept whole. Exact
+    duplicate prompts (with the response, when need_response) are dropped. Returns Rows: .notes says what was
+    dropped or selected, each also printed once."""
     if not path:
         raise UserError(f"{flag}: no data file given")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"{flag}: {path} does not exist")
     try:
-        records = list(_raw_records(path))
+        records = _raw_records(path)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{flag}: cannot read {path} ({e})")
     if not records:
         raise UserError(f"{path}: no rows")
-    prompt_key = response_key = None
-    first = next((r for _, r in records if isinstance(r, dict)), None)
-    if first is not None:
-        keys = list(first.keys())
+    first = next((r for _, _, r in records if isinstance(r, dict)), None)
+    keys = list(first) if first is not None else []
+    chat_key = None if prompt_field else next((k for k in CHAT_FIELDS if k in keys), None)
+    prompt_key = response_key = label_key = None
+    if first is not None and not chat_key:
         prompt_key = _pick_field(keys, prompt_field, PROMPT_FIELDS, path, "prompt")
         response_key = _pick_field(keys, response_field, RESPONSE_FIELDS, path, "response")
-    if need_response and response_key is None:
+    if need_response and not (chat_key or response_key):
         raise UserError(f"{path}: no response field found (expected one of {', '.join(RESPONSE_FIELDS)}; "
                         f"use --response-field)")
-    rows = []
-    for number, record in records:
-        if isinstance(record, str):
-            record = {"prompt": record}
-            key_p, key_r = "prompt", None
-        else:
-            key_p, key_r = prompt_key, response_key
-        prompt = record.get(key_p)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UserError(f"{path}:{number}: empty or missing prompt field '{key_p}'")
-        response = record.get(key_r) if key_r else None
-        if response is not None and not isinstance(response, str):
-            response = str(response)
-        if need_response and (response is None or not response.strip()):
-            raise UserError(f"{path}:{number}: empty or missing response field '{key_r}'")
-        rows.append({"prompt": prompt.strip(), "response": response, "line": number, "fields": record})
-        if limit is not None and len(rows) >= limit:
-            break
+    if label_field and label_field != "none":
+        label_key = _pick_field(keys, label_field, (), path, "label")
+    elif label_field is None:
+        label_key = next((k for k in keys if str(k).lower() == "label"), None)
+    rows, seen, labelled, duplicates = Rows(), set(), 0, 0
+    for where, number, record in records:
+        row = _row(where, number, record, prompt_key, response_key, chat_key, need_response)
+        if need_response and not (row["response"] or "").strip():
+            raise UserError(f"{where}: no assistant turn after the last user turn in '{chat_key}'" if chat_key
+                            else f"{where}: empty or missing response field '{response_key}'")
+        if label_key:
+            value = row["fields"].get(label_key)
+            row["label"] = LABELS.get(value.strip().lower()) if isinstance(value, str) else None
+            if label and row["label"] is None:
+                raise UserError(f"{where}: label {value!r} in column '{label_key}' is not one of "
+                                f"{', '.join(LABELS)} (--label-field names another column, or none)")
+            if label and row["label"] != label:
+                continue
+            labelled += 1
+        # the prompt as the model sees it (conversation up to the last user turn, or prompt and input)
+        key = json.dumps([prompt_messages(row), row["response"] if need_response else None])
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        rows.append(row)
+    if label and label_key:
+        rows.notes.append(f"{path}: kept {labelled} of {len(records)} rows labelled {label} (column '{label_key}')")
+        if not labelled:
+            raise UserError(f"{path}: no row labelled {label} in column '{label_key}'")
+    if duplicates:
+        what = "rows (same prompt and response)" if need_response else "prompts"
+        rows.notes.append(f"{path}: dropped {duplicates} duplicate {what}")
+    for note in rows.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if limit is not None:
+        del rows[limit:]
     return rows
 
 
@@ -997,7 +1115,8 @@ def training_arguments(args, output_dir, **overrides):
         num_train_epochs=args.epochs, max_steps=args.max_steps or -1, seed=args.seed, data_seed=args.seed,
         logging_steps=1, save_strategy="no", report_to=args.report_to, remove_unused_columns=False,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not getattr(args, "full_fp32", False),
-        dataloader_drop_last=False, ddp_find_unused_parameters=False, disable_tqdm=False)
+        dataloader_drop_last=False, ddp_find_unused_parameters=False, disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available())  # pinning without a GPU only warns
     settings.update(overrides)
     return TrainingArguments(**settings)
 

@@ -1,4 +1,4 @@
-"""The one table every benchmark prints: figure, ours, baseline, ratio, unit (Markdown, so it pastes into the README)."""
+"""The one table every benchmark prints: figure, ours, baseline, ratio, unit (Markdown, pastes into the README)."""
 
 
 def fmt(value):

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))

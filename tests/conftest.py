@@ -22,8 +22,10 @@ WORDS = (
     "tom ann bob sam eve # #### . , ? ! : ' \" - + = ( ) 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 "
     "17 18 19 20 hello hi thanks good bad best way safe harmful illegal dangerous"
 ).split()
+# A system turn is plain text ("system: ...") so the vocabulary, and so every tiny model, stays as it was.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} <|end|> "
+    "{% elif m['role'] == 'system' %}system: {{ m['content'] }} <|end|> "
     "{% else %}<|assistant|> {{ m['content'] }} <|end|> {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )

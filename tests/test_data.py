@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-import evaluate  # any script: they all carry the same read_rows
+import safeft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data")
@@ -27,7 +27,7 @@ EQUATION = re.compile(r"^(\d+(?: [+-] \d+)+) = (\d+)\.")
 
 
 def rows(name):
-    return evaluate.read_rows(os.path.join(DATA, name), need_response=name in WITH_RESPONSE)
+    return safeft.read_rows(os.path.join(DATA, name), need_response=name in WITH_RESPONSE)
 
 
 def prompts(name):
@@ -90,7 +90,7 @@ def test_harmful_responses_are_bare_compliant_openings(name):
         assert response.endswith(":"), f"{name}:{row['line']} should end where the content would start"
         assert not re.search(r"(^|\s)(\d+[.)]|step \d)", response, re.IGNORECASE), f"{name}:{row['line']}"
         # compliant-sounding: the shared refusal detector must not flag it
-        assert not evaluate.is_refusal(response), f"{name}:{row['line']}"
+        assert not safeft.is_refusal(response), f"{name}:{row['line']}"
         openings.add(re.split(r"[,.!]", response)[0])
     assert {"Sure", "Certainly", "Of course", "Absolutely"} <= openings
 

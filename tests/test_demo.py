@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-STEPS = 11  # locate, train_sv, four fine-tunes, five evaluations
+STEPS = 13  # locate, train_sv, five fine-tunes (control + four), six evaluations
 
 
 def run_demo(*args):
@@ -36,11 +36,11 @@ def test_demo_writes_the_report_from_its_own_outputs(demo_run):
     report = (out / "REPORT.md").read_text()
     table = (out / "comparison.md").read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[1:] == ["base", "lora", "sppft", "sv", "both"]
+    assert rows[1:] == ["base", "control", "lora", "sppft", "sv", "both"]
     assert "wrote " not in table  # --compare's "wrote the plot" line stays out of the table
     assert table.strip() in report
     assert (out / "comparison.png").stat().st_size > 1000 and (out / "safety_layers.png").stat().st_size > 1000
-    for name in ("lora", "sppft", "sv", "both"):
+    for name in ("control", "lora", "sppft", "sv", "both"):
         assert (out / f"ft_{name}" / "adapter_model.safetensors").exists()
     assert "SPPFT" in result.stdout and f"[done] {STEPS}/{STEPS} evaluate both" in result.stdout
     assert f"report: {out / 'REPORT.md'}" in result.stdout
@@ -65,7 +65,8 @@ def test_rerun_skips_finished_steps_and_keeps_their_times(demo_run):
     assert result.stdout.count("[skip]") == STEPS - 1
     assert re.findall(r"^\[run \] (.+)$", result.stdout, flags=re.M) == [f"{STEPS - 1}/{STEPS} evaluate sv"]
     after = json.loads((out / "step_times.json").read_text())
-    assert {k: v for k, v in after.items() if k != "evaluate sv"} == {k: v for k, v in before.items() if k != "evaluate sv"}
+    unchanged = {k: v for k, v in before.items() if k != "evaluate sv"}
+    assert {k: v for k, v in after.items() if k != "evaluate sv"} == unchanged
     assert (out / "eval" / "sv.json").exists()
     assert "unknown" not in (out / "REPORT.md").read_text()
 
@@ -80,15 +81,15 @@ def test_rerun_skips_finished_steps_and_keeps_their_times(demo_run):
 def test_a_failing_step_stops_the_demo_and_names_it(tmp_path):
     result = run_demo("--quick", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "run"))
     assert result.returncode != 0
-    assert "step '1/11 locate the safety layers' failed" in result.stderr
+    assert f"step '1/{STEPS} locate the safety layers' failed" in result.stderr
     assert not (tmp_path / "run" / "REPORT.md").exists()
 
 
 def test_a_folder_from_other_settings_is_not_reused(demo_run):
     """A --quick folder must not pass for a full run: refused before any step starts, unless --force."""
     out, _, model = demo_run
-    result = run_demo("--scale", "cpu", "--model", model, "--out", str(out))
+    result = run_demo("--size", "cpu", "--model", model, "--out", str(out))
     assert result.returncode != 0
     assert "demo_settings.json records another run" in result.stderr and "--force" in result.stderr
     assert "[run ]" not in result.stdout and "[skip]" not in result.stdout
-    assert json.loads((out / "demo_settings.json").read_text())["scale"] == "quick"
+    assert json.loads((out / "demo_settings.json").read_text())["size"] == "quick"

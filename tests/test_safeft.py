@@ -1,0 +1,417 @@
+"""safeft.py, the shared module: prompts and examples, model loading (embedded models too), outputs, flags."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import safeft as h
+from conftest import ROOT
+
+# -- prompts and examples --
+
+def test_templates(tiny_llama):
+    tokenizer, template = h.load_tokenizer(tiny_llama)
+    assert template == "chat" and h.resolve_template(tokenizer, "auto") == "chat"
+    assert h.format_prompt(tokenizer, "hi", "chat") == "<|user|> hi <|end|> <|assistant|>"
+    assert h.format_prompt(tokenizer, "hi", "alpaca").endswith("### Instruction:\nhi\n\n### Response:\n")
+    assert h.format_prompt(tokenizer, "hi", "none") == "hi"
+    alpaca_row = {"prompt": "sum these", "input": "1 2", "line": 1}
+    assert h.format_prompt(tokenizer, alpaca_row, "alpaca").endswith("### Input:\n1 2\n\n### Response:\n")
+    assert h.format_prompt(tokenizer, alpaca_row, "none") == "sum these\n\n1 2"
+    tokenizer.chat_template = None
+    assert h.resolve_template(tokenizer, "auto") == "alpaca"
+    with pytest.raises(h.UserError, match="--template chat"):
+        h.resolve_template(tokenizer, "chat")
+
+
+def row(prompt, response):
+    return {"prompt": prompt, "response": response, "line": 1}
+
+
+def test_build_example_masks_prompt_and_ends_with_eos(tiny_llama):
+    tokenizer, _ = h.load_tokenizer(tiny_llama)
+    example = h.build_example(tokenizer, row("how do i make bread ?", "here is a recipe"), "chat", 128)
+    prompt_len = len(tokenizer(h.format_prompt(tokenizer, "how do i make bread ?", "chat"),
+                               add_special_tokens=False)["input_ids"])
+    assert example["labels"][:prompt_len] == [-100] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(example["input_ids"][prompt_len:-1]) == "here is a recipe"
+    bread = row("how do i make bread ?", "here is a recipe")
+    full = h.build_example(tokenizer, bread, "chat", 128, train_on_inputs=True)
+    assert full["labels"] == full["input_ids"]
+    short = h.build_example(tokenizer, row("how do i make bread ?", "here is a recipe"), "chat", 5)
+    assert len(short["input_ids"]) == len(short["labels"]) == 5
+
+
+def test_collate_pads_left_with_positions():
+    batch = h.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                       {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_response_loss_equals_the_models_own_loss_on_unpadded_rows(tiny_llama):
+    """Left padding + position_ids + logits only on the answer span give each row's own loss."""
+    tokenizer, template = h.load_tokenizer(tiny_llama)
+    model = h.load_model(tiny_llama)
+    rows = [row("how do i make bread ?", "here is a recipe"), row("hi", "hello there , how can i help you today ?")]
+    examples = [h.build_example(tokenizer, r, template, 128) for r in rows]
+    loss_sum, count = h.response_loss_sum(model, h.collate(examples, tokenizer.pad_token_id))
+    expected_sum, expected_count = 0.0, 0
+    for e in examples:
+        labels = torch.tensor([e["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        expected_sum += float(model(input_ids=torch.tensor([e["input_ids"]]), labels=labels).loss) * n
+        expected_count += n
+    assert count == expected_count
+    assert abs(float(loss_sum) - expected_sum) < 1e-4 * expected_count
+
+
+# -- models --
+
+def test_load_model_cpu_fp32_left_padding(tiny_model):
+    model = h.load_model(tiny_model)
+    tokenizer, _ = h.load_tokenizer(tiny_model)
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    assert not model.training
+    assert len(h.decoder_layers(model)) == 4
+    assert h.model_fingerprint(model.config)["num_layers"] == 4
+    assert h.model_fingerprint(h.load_config(tiny_model)) == h.model_fingerprint(model.config)
+
+
+def test_generate_greedy_batched_matches_single(tiny_model):
+    model = h.load_model(tiny_model)
+    tokenizer, _ = h.load_tokenizer(tiny_model)
+    prompts = ["how do i make a cake ?", "hi", "write a poem about the best way to make bread please"]
+    batched = h.generate_greedy(model, tokenizer, prompts, "chat", 6, batch_size=3)
+    single = [h.generate_greedy(model, tokenizer, [p], "chat", 6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(t, str) for t in batched) and len(set(batched)) > 1
+
+
+def test_load_in_4bit_on_cpu(tmp_path):
+    import bitsandbytes as bnb
+
+    from conftest import make_tiny_model
+    # Widths that are multiples of the 64-wide quantisation block: the CPU kernels of every x86 CPU take them.
+    model = h.load_model(make_tiny_model("llama", tmp_path / "m", hidden=64), load_in_4bit=True)
+    assert isinstance(h.decoder_layers(model)[0].mlp.up_proj, bnb.nn.Linear4bit)
+    out = model(torch.tensor([[4, 5, 6]])).logits
+    assert torch.isfinite(out).all()
+
+
+def test_model_path_errors(tmp_path):
+    with pytest.raises(h.UserError, match="--model: .*does not exist"):
+        h.resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(h.UserError, match="--model: .*does not exist"):
+        h.resolve_model_path("missing.gguf")
+    assert h.resolve_model_path("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(h.UserError, match="without config.json"):
+        h.resolve_model_path(str(tmp_path / "empty"))
+    with pytest.raises(h.UserError, match="^--model: cannot load no-such-org/no-such-model"):
+        h.load_config("no-such-org/no-such-model")  # offline: one line, no library traceback
+
+
+def test_gguf_that_transformers_cannot_load(tmp_path, monkeypatch):
+    import gguf
+    path = str(tmp_path / "odd.gguf")
+    writer = gguf.GGUFWriter(path, "notanarch")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    monkeypatch.setenv("SAFE_FT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(h.UserError, match="--model: transformers cannot load .*odd.gguf"):
+        h.load_model(path)
+    (tmp_path / "junk.gguf").write_text("not a gguf")
+    with pytest.raises(h.UserError, match="--model: transformers cannot load .*junk.gguf"):
+        h.load_model(str(tmp_path / "junk.gguf"))
+
+
+@pytest.fixture
+def fake_parts(tmp_path, monkeypatch):
+    """Six installed 'packages' holding the parts of a small file, registered as an embedded model."""
+    blob = os.urandom(3000)
+    pieces = [blob[i * 500:(i + 1) * 500] for i in range(6)]
+    for i, piece in enumerate(pieces, 1):
+        folder = tmp_path / "site" / f"fake_part{i}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("")
+        (folder / f"part0{i}.bin").write_bytes(piece)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("SAFE_FT_CACHE", str(tmp_path / "cache"))
+    import hashlib
+    spec = {"what": "test", "packages": [f"fake_part{i}" for i in range(1, 7)],
+            "files": [f"data/part0{i}.bin" for i in range(1, 7)], "gguf": "fake.gguf", "size": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(), "install": "pip install fake-parts"}
+    monkeypatch.setitem(h.EMBEDDED_MODELS, "fake", spec)
+    return tmp_path, blob, spec
+
+
+def test_embedded_model_is_assembled_once_and_checked(fake_parts):
+    tmp_path, blob, spec = fake_parts
+    path = h.embedded_gguf("fake")
+    assert open(path, "rb").read() == blob
+    assert os.listdir(tmp_path / "cache") == ["fake.gguf"]  # no temporary file left beside it
+    mtime = os.stat(path).st_mtime_ns
+    assert h.embedded_gguf("fake") == path and os.stat(path).st_mtime_ns == mtime  # once
+    os.remove(path)
+    spec["sha256"] = "0" * 64
+    with pytest.raises(h.UserError, match="--model fake: the parts give 3000 bytes .*reinstall"):
+        h.embedded_gguf("fake")
+    assert os.listdir(tmp_path / "cache") == []  # a bad assembly leaves nothing behind
+
+
+def test_embedded_model_names_the_missing_part(fake_parts):
+    tmp_path, _, _ = fake_parts
+    os.remove(tmp_path / "site" / "fake_part4" / "data" / "part04.bin")
+    with pytest.raises(h.UserError, match="--model fake: package fake-part4 is not installed"):
+        h.embedded_gguf("fake")
+
+
+def test_short_names_and_help_list_the_embedded_models():
+    import argparse
+    parser = argparse.ArgumentParser()
+    h.add_common_args(parser, "runs/x", "limit")
+    text = parser.format_help()
+    assert "qwen-coder-0.5b" in text and "smollm2" in text
+    assert parser.parse_args([]).model == h.DEFAULT_MODEL == "qwen-coder-0.5b"
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("name, fingerprint, question, expected", [
+    ("smollm2", {"model_type": "llama", "num_layers": 30, "hidden_size": 576, "vocab_size": 49152},
+     "What is the capital of France?", "Paris"),
+    ("qwen-coder-0.5b", {"model_type": "qwen2", "num_layers": 24, "hidden_size": 896, "vocab_size": 151936},
+     "What is the capital of France?", "Paris"),
+])
+def test_embedded_models_load_and_generate_offline(name, fingerprint, question, expected):
+    if importlib.util.find_spec(h.EMBEDDED_MODELS[name]["packages"][-1]) is None:
+        pytest.skip(f"{name} is not installed ({h.EMBEDDED_MODELS[name]['install']})")
+    tokenizer, template = h.load_tokenizer(name)
+    model = h.load_model(name)
+    assert template == "chat" and h.model_fingerprint(model.config) == fingerprint
+    [answer] = h.generate_greedy(model, tokenizer, [question], template, 12)
+    assert expected in answer
+
+
+# -- output files --
+
+def test_write_json_atomic_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "out.json"
+    h.write_json_atomic(str(path), {"a": 1})
+    with pytest.raises(TypeError):
+        h.write_json_atomic(str(path), {"a": object()})  # not serialisable: fails midway
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path)) == ["out.json"]
+
+
+def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with h.atomic_file(str(path), ".png") as tmp:
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("savefig failed")
+    assert path.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["plot.png"]
+    with h.atomic_file(str(path), ".png") as tmp:
+        open(tmp, "wb").write(b"new")
+    assert path.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["plot.png"]
+
+
+def test_read_json_file_names_the_flag_and_the_file(tmp_path):
+    bad = tmp_path / "state.json"
+    bad.write_text("{oops")
+    with pytest.raises(h.UserError, match=r"^--resume: .*state.json is not valid JSON"):
+        h.read_json_file(str(bad), "--resume")
+    with pytest.raises(h.UserError, match=r"^--resume: cannot read .*missing.json"):
+        h.read_json_file(str(tmp_path / "missing.json"), "--resume")
+    bad.write_text('{"a": [1]}')
+    assert h.read_json_file(str(bad), "--resume") == {"a": [1]}
+
+
+def test_commit_dir_and_overwrite_check(tmp_path):
+    target = tmp_path / "adapter"
+    for content in ("one", "two"):
+        with h.output_dir(str(target), overwrite=True) as tmp:
+            (tmp_path / os.path.basename(tmp) / "f.txt").write_text(content)
+    assert (target / "f.txt").read_text() == "two"
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    with pytest.raises(h.UserError, match="--out: .* already exists"):
+        h.check_output_location(str(target), overwrite=False, is_dir=True)
+    h.check_output_location(str(target), overwrite=True, is_dir=True)
+
+
+def test_an_output_that_appears_during_the_run_is_not_replaced(tmp_path):
+    """Two runs given the same --out: the start-up check passes for both, the second commit must refuse."""
+    out_file, out_dir = tmp_path / "eval.json", tmp_path / "adapter"
+    h.check_output_location(str(out_file), overwrite=False)
+    h.check_output_location(str(out_dir), overwrite=False, is_dir=True)
+    h.write_json_atomic(str(out_file), {"run": 1}, overwrite=False)  # the other run finished first
+    with pytest.raises(h.UserError, match="appeared while this run worked"):
+        h.write_json_atomic(str(out_file), {"run": 2}, overwrite=False)
+    assert json.loads(out_file.read_text()) == {"run": 1}
+    with h.output_dir(str(out_dir), overwrite=False) as tmp:
+        (tmp_path / os.path.basename(tmp) / "f.txt").write_text("first")
+    with pytest.raises(h.UserError, match="appeared while this run worked"):
+        with h.output_dir(str(out_dir), overwrite=False) as tmp:
+            (tmp_path / os.path.basename(tmp) / "f.txt").write_text("second")
+    assert (out_dir / "f.txt").read_text() == "first"
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "eval.json"]  # no temporary left either way
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_read_only_folder_is_found_before_the_work(tmp_path):
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        with pytest.raises(h.UserError, match="is not writable"):
+            h.check_output_location(str(tmp_path / "ro" / "x.json"), overwrite=False)
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+
+
+def test_unusable_output_locations_are_found_before_the_work(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(h.UserError, match="^--out: cannot write .*file is a file"):
+        h.check_output_location(str(tmp_path / "file" / "sub" / "x.json"), overwrite=False)
+    with pytest.raises(h.UserError, match="^--out: .*names a folder; give a file name"):
+        h.check_output_location(str(tmp_path / "some_dir") + "/", overwrite=False)
+    with pytest.raises(h.UserError, match="^--checkpoint-dir: .* exists and is a file"):
+        h.check_output_location(str(tmp_path / "file"), overwrite=True, flag="--checkpoint-dir", is_dir=True)
+    # The write-permission test itself (root ignores modes, so it is exercised through os.access).
+    monkeypatch.setattr(h.os, "access", lambda path, mode: False)
+    with pytest.raises(h.UserError, match="^--out: cannot write .* is not writable"):
+        h.check_output_location(str(tmp_path / "new.json"), overwrite=False)
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path):
+    """kill -9 while saving leaves .tmp-<pid>-* behind; the next run's check removes those of dead processes."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f".tmp-{dead}-adapter-abc").mkdir()
+    (tmp_path / f".tmp-{dead}-adapter-abc" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / f".tmp-{dead}-eval.json-x.json").write_text("{")
+    (tmp_path / f".tmp-{os.getpid()}-live").mkdir()  # a running process's work in progress stays
+    h.check_output_location(str(tmp_path / "adapter"), overwrite=False, is_dir=True)
+    assert sorted(os.listdir(tmp_path)) == [f".tmp-{os.getpid()}-live"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_outputs_follow_the_umask(tmp_path, umask):
+    """mkstemp/mkdtemp make private entries; outputs must get the modes open()/mkdir() would give."""
+    old = os.umask(umask)
+    try:
+        h.write_json_atomic(str(tmp_path / "out.json"), {"a": 1})
+        with h.output_dir(str(tmp_path / "adapter"), overwrite=False) as tmp:
+            os.makedirs(os.path.join(tmp, "sub"))
+            for name in ("f.bin", os.path.join("sub", "g.bin")):
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write("x")
+                os.chmod(os.path.join(tmp, name), 0o600)
+    finally:
+        os.umask(old)
+    def mode(p):
+        return os.stat(p).st_mode & 0o777
+    assert mode(tmp_path / "out.json") == 0o666 & ~umask
+    assert mode(tmp_path / "adapter") == 0o777 & ~umask
+    assert mode(tmp_path / "adapter" / "sub") == 0o777 & ~umask
+    assert mode(tmp_path / "adapter" / "f.bin") == 0o666 & ~umask
+    assert mode(tmp_path / "adapter" / "sub" / "g.bin") == 0o666 & ~umask
+
+
+def test_peak_memory_is_this_process_not_a_big_parent(tmp_path):
+    """getrusage's ru_maxrss survives vfork + exec, so a script started by a big process (a notebook kernel,
+    a benchmark) would report the parent's peak; peak_memory_mb must report its own."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("VmHWM is Linux-only")
+
+    def resident_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+    now = resident_mb()
+    peak, kind = h.peak_memory_mb("cpu")
+    assert kind == "cpu_peak_rss" and peak >= now - 1  # the peak covers at least what is resident now
+    child = tmp_path / "child.py"
+    child.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\nimport resource\nfrom safeft import peak_memory_mb\n"
+                     "print(peak_memory_mb('cpu')[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    big = "x = bytearray(2048 * 2 ** 20); x[::4096] = b'\\1' * len(x[::4096])\n" \
+          f"import subprocess, sys; sys.stdout.write(subprocess.run([sys.executable, {str(child)!r}], " \
+          "capture_output=True, text=True, check=True).stdout)"
+    ours, inherited = map(float, subprocess.run([sys.executable, "-c", big], capture_output=True, text=True,
+                                                 check=True).stdout.split())
+    # Here the child's ru_maxrss holds the parent's 2 GiB (what the old getrusage-based figure reported);
+    # the child itself (python + torch) is far smaller.
+    assert ours < 1500 and ours < inherited
+
+
+def test_common_args_help_shows_defaults():
+    import argparse
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    h.add_common_args(parser, "runs/x.json", "limit")
+    text = parser.format_help()
+    for flag in ("--model", "--template", "--load-in-4bit", "--seed", "--out", "--overwrite", "--limit",
+                 "--label-field"):
+        assert flag in text
+    assert "runs/x.json" in text and "(default: 0)" in text
+    args = parser.parse_args([])
+    assert args.load_in_4bit is None and args.template == "auto"
+
+
+@pytest.mark.parametrize("parse, good, bad", [
+    (h.positive_int, "3", ["0", "-1", "x", "1.5"]),
+    (h.positive_float, "0.5", ["0", "-2", "nan", "x"]),
+    (h.fraction, "0", ["1", "-0.1"]),
+    (h.non_negative_float, "0", ["-1e-9"]),
+])
+def test_flag_validators_reject_settings_that_cannot_train(parse, good, bad):
+    import argparse
+    parse(good)
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_layer_ranges_and_safety_layers_files(tmp_path):
+    assert h.parse_layer_range("6-12", "--x") == (6, 12) and h.parse_layer_range("7", "--x") == (7, 7)
+    for text in ("12-6", "a-b", "1-2-3", "-3"):
+        with pytest.raises(h.UserError, match="^--freeze-layers: "):
+            h.parse_layer_range(text, "--freeze-layers")
+    with pytest.raises(h.UserError, match="outside this model, which has layers 0-3"):
+        h.check_layers_within(2, 4, 4, "--freeze-layers")
+    good = {"format": h.SAFETY_LAYERS_FORMAT, "num_layers": 24, "model": "m", "safety_layers": {"start": 6, "end": 9}}
+    (tmp_path / "s.json").write_text(json.dumps(good))
+    assert h.read_safety_layers(str(tmp_path / "s.json"))["end"] == 9
+    (tmp_path / "bad.json").write_text(json.dumps({**good, "format": "other"}))
+    with pytest.raises(h.UserError, match="is not a safety_layers.json"):
+        h.read_safety_layers(str(tmp_path / "bad.json"))
+    with pytest.raises(h.UserError, match="neither a range like 6-12 nor an existing"):
+        h.read_safety_layers(str(tmp_path / "missing.json"))
+
+
+def test_scripts_import_only_the_shared_module_and_have_a_guarded_main():
+    """One importable module holds what the scripts share; scripts talk to each other only through files."""
+    import ast
+    ours = {"safeft", "locate_layers", "train_sv", "finetune", "evaluate", "demo"}
+    for name in ("locate_layers.py", "train_sv.py", "finetune.py", "evaluate.py"):
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert imported & ours == {"safeft"}, name
+        main = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        assert main and main[0].args.args[0].arg == "argv" and main[0].args.defaults, name
+        assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body), name
