@@ -38,7 +38,7 @@ SIZES = {
     # layer scale 1.2 is the paper's value for its three scale>1 models; "auto" would try several.
     "cpu": dict(model="smollm2", ll=["--limit", "100", "--scale", "1.2", "--search-radius", "2"],
                 sv=["--max-steps", "20"], ft=["--max-steps", "12", "--lr", "5e-4"],
-                ev=["--limit", "40", "--max-new-tokens", "32"]),
+                ev=["--limit", "40", "--max-new-tokens", "64", "--task-max-new-tokens", "48"]),
     "gpu": dict(model=None, ll=[], sv=[], ft=[], ev=[]),
 }
 DATA = {"mixed": os.path.join(ROOT, "data", "mixed_train.jsonl"),  # task rows + ~9% harmful rows

@@ -14,6 +14,6 @@ def print_table(rows, with_bench=False):
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        cells = [r["bench"]] * with_bench + [r["figure"].replace("|", "\\|"), fmt(r["ours"]), fmt(r["baseline"]),
-                                             fmt(r.get("ratio")), r.get("unit", "")]
+        cells = ([r["bench"]] if with_bench else []) + [r["figure"].replace("|", "\\|"), fmt(r["ours"]),
+                                                        fmt(r["baseline"]), fmt(r.get("ratio")), r.get("unit", "")]
         print("| " + " | ".join(cells) + " |")

@@ -35,8 +35,12 @@ def test_demo_writes_the_report_from_its_own_outputs(demo_run):
     out, result, _ = demo_run
     report = (out / "REPORT.md").read_text()
     table = (out / "comparison.md").read_text()
-    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    headline = next(block for block in table.split("\n\n") if "harmful rate" in block)  # the first table
+    rows = [line.split("|")[1].strip() for line in headline.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[1:] == ["base", "control", "lora", "sppft", "sv", "both"]
+    assert "Harmful-prompt answers by class" in table and "Example answers" in table
+    control_log = json.loads((out / "ft_control" / "train_log.json").read_text())
+    assert control_log["data"].endswith("task_train.jsonl")  # the benign control sees no harmful row
     assert "wrote " not in table  # --compare's "wrote the plot" line stays out of the table
     assert table.strip() in report
     assert (out / "comparison.png").stat().st_size > 1000 and (out / "safety_layers.png").stat().st_size > 1000

@@ -1,6 +1,8 @@
-"""finetune.py on tiny offline models: frozen layers stay frozen, security vectors stay out, resume is exact."""
+"""finetune.py on tiny offline models: frozen layers stay frozen, security vectors stay active in training and out
+of the output, resume is exact, two processes match one, bad input is one line before any weights load."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -10,9 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import finetune as ft
+import safeft
 from conftest import ROOT, make_tiny_model, write_jsonl
 
-# Other processes share this machine's two cores; one thread keeps tiny-model steps from stalling on them.
+# Other processes share this machine's cores; one thread keeps tiny-model steps from stalling on them.
 torch.set_num_threads(1)
 
 TASK_ROWS = [{"prompt": f"tom has {a} apples and buys {b} more . how many ?",
@@ -31,37 +34,21 @@ def harmful_data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "harmful.jsonl", HARMFUL_ROWS)
 
 
-def tensors(path):
-    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
-    out = {}
-    for name in files:
-        out.update(load_file(os.path.join(path, name)))
-    return out
-
-
-def saved_keys(path):
-    keys = []
-    for root, _, files in os.walk(path):
-        for name in files:
-            if name.endswith(".safetensors"):
-                with safe_open(os.path.join(root, name), framework="pt") as f:
-                    keys += list(f.keys())
-    return keys
-
-
-def run_main(args):
-    return ft.main(["--seed", "0", "--lr", "5e-3", "--micro-batch-size", "4", "--grad-accum", "2"] + args)
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory):
+    """The tiny Llama with a 20x output layer, so LoRA on the blocks can fit something (see make_tiny_model)."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("sharp-llama"), head_scale=20)
 
 
 def make_security_vectors(model_dir, out_dir, rows, steps=40):
     """A small LoRA trained to produce the harmful responses: what train_sv.py makes, built here with peft."""
     from peft import LoraConfig, get_peft_model
-    model, tokenizer = ft.load_model(model_dir)
-    fingerprint = ft.model_fingerprint(model)
+    model = safeft.load_model(model_dir)
+    tokenizer, template = safeft.load_tokenizer(model_dir, "chat")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=ft.lora_target_names(model)))
-    examples = [ft.build_example(tokenizer, r["prompt"], r["response"], "chat", 128) for r in rows]
-    batch = ft.collate_examples(examples, tokenizer.pad_token_id)
+                                             target_modules=safeft.projection_names(model)))
+    batch = safeft.collate([safeft.build_example(tokenizer, {"line": 0, **r}, template, 128) for r in rows],
+                           tokenizer.pad_token_id)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(steps):
@@ -71,16 +58,10 @@ def make_security_vectors(model_dir, out_dir, rows, steps=40):
         optimizer.zero_grad()
     model.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "sv_meta.json"), "w") as f:
-        json.dump({"format": "security-vectors/v1", "model": model_dir, "fingerprint": fingerprint,
-                   "load_in_4bit": False, "template": "chat", "adapter_name": "security_vectors",
-                   "final_loss": loss.item()}, f)
+        json.dump({"format": "security-vectors/v1", "model": model_dir, "template": "chat",
+                   "fingerprint": safeft.model_fingerprint(safeft.load_config(model_dir)),
+                   "load_in_4bit": False, "final_loss": loss.item()}, f)
     return str(out_dir), loss.item()
-
-
-@pytest.fixture(scope="module")
-def sharp_llama(tmp_path_factory):
-    """The tiny Llama with a 20x output layer, so LoRA on the blocks can fit something (see make_tiny_model)."""
-    return make_tiny_model("llama", tmp_path_factory.mktemp("sharp-llama"), head_scale=20)
 
 
 @pytest.fixture(scope="module")
@@ -90,120 +71,150 @@ def security_vectors(sharp_llama, tmp_path_factory):
     return path
 
 
-# ---- small functions ----
-
-def test_freeze_spec_parsing(tmp_path):
-    assert ft.read_freeze_spec("6-12") == {"start": 6, "end": 12, "source": "range", "num_layers": None}
-    assert ft.read_freeze_spec("3")["end"] == 3
-    good = tmp_path / "safety_layers.json"
-    good.write_text(json.dumps({"format": "safety-layers/v1", "num_layers": 30, "model": "default",
-                                "safety_layers": {"start": 6, "end": 12}}))
-    spec = ft.read_freeze_spec(str(good))
-    assert (spec["start"], spec["end"], spec["num_layers"]) == (6, 12, 30)
-    with pytest.raises(ft.UserError, match="--freeze-layers"):
-        ft.check_freeze_against_model(spec, 4)  # made for 30 layers
-    with pytest.raises(ft.UserError, match="outside this model"):
-        ft.check_freeze_against_model(ft.read_freeze_spec("2-4"), 4)
-    ft.check_freeze_against_model(ft.read_freeze_spec("0-3"), 4)
-    with pytest.raises(ft.UserError, match="starts after it ends"):
-        ft.read_freeze_spec("5-2")
+def tensors(path):
+    out = {}
+    for name in (f for f in os.listdir(path) if f.endswith(".safetensors")):
+        out.update(load_file(os.path.join(path, name)))
+    return out
 
 
-def test_epoch_plan_covers_rows_once_and_groups_lengths():
-    lengths = [5 + (i * 37) % 90 for i in range(200)]
-    plan = ft.epoch_plan(lengths, epoch=0, seed=1, global_micro=4, accum=2, group_by_length=True)
-    assert plan == ft.epoch_plan(lengths, epoch=0, seed=1, global_micro=4, accum=2, group_by_length=True)
-    assert plan != ft.epoch_plan(lengths, epoch=1, seed=1, global_micro=4, accum=2, group_by_length=True)
-    flat = [i for step in plan for batch in step for i in batch]
-    assert len(plan) == 25 and sorted(flat) == list(range(200))
-    plain = ft.epoch_plan(lengths, epoch=0, seed=1, global_micro=4, accum=2, group_by_length=False)
-
-    def padding(p):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for s in p for b in s)
-    assert padding(plan) < padding(plain) / 3
+def saved_keys(path):
+    keys = []
+    for root, _, files in os.walk(path):
+        for name in (f for f in files if f.endswith(".safetensors")):
+            with safe_open(os.path.join(root, name), framework="pt") as f:
+                keys += list(f.keys())
+    return keys
 
 
-def test_lr_schedule():
-    factors = [ft.lr_factor(s, 2, 10, "cosine") for s in range(10)]
-    assert factors[0] < factors[1] < factors[2] == 1.0 and factors[-1] < 0.05
-    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
-    assert ft.lr_factor(6, 2, 10, "linear") == pytest.approx(0.5)
+def run(args):
+    return ft.main(["--seed", "0", "--lr", "5e-3", "--micro-batch-size", "4", "--grad-accum", "2"] + args)
 
 
-def test_labelled_logits_loss_equals_model_loss(tiny_model, task_data):
-    model, tokenizer = ft.load_model(tiny_model)
-    examples = [ft.build_example(tokenizer, r["prompt"], r["response"], "chat", 64) for r in TASK_ROWS[:5]]
-    batch = ft.collate_examples(examples, tokenizer.pad_token_id)
-    assert ft.head_matches_model(model, torch.device("cpu"))
+def one_line_error(capsys, argv):
+    """Runs main(argv) expecting a user error: exit code 2 and one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        ft.main(argv)
+    assert exit_info.value.code == 2, argv
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert err and ("error: " in err[-1]), (argv, err)
+    assert not any("Traceback" in line for line in err), err
+    return err[-1]
+
+
+# ---- the loss ----
+
+def test_response_only_loss_equals_the_models_own_loss(tiny_model):
+    model = safeft.load_model(tiny_model)
+    tokenizer, template = safeft.load_tokenizer(tiny_model, "chat")
+    rows = [{"line": i, **r} for i, r in enumerate(TASK_ROWS[:6])]
+    batch = safeft.collate([safeft.build_example(tokenizer, r, template, 64) for r in rows], tokenizer.pad_token_id)
     with torch.no_grad():
-        fast = ft.ResponseLoss(model, head_only_labelled=True)(**batch)
-        slow = ft.ResponseLoss(model, head_only_labelled=False)(**batch)
-        n = (batch["labels"][:, 1:] != -100).sum()
-        reference = model(**batch).loss * n
-    assert torch.allclose(fast, slow, rtol=1e-5) and torch.allclose(fast, reference, rtol=1e-5)
+        summed, count = safeft.response_loss_sum(model, batch)
+        reference = model(**batch).loss  # the full-logits loss over the labelled tokens
+    assert count == int((batch["labels"][:, 1:] != -100).sum()) > 0
+    assert torch.allclose(summed / count, reference, rtol=1e-5)
 
 
-# ---- the script ----
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_trainer_step_loss_is_the_mean_over_every_labelled_token_of_the_step(tiny_llama, task_data, tmp_path,
+                                                                            train_on_inputs):
+    """Through the Trainer with gradient accumulation: the first step's loss (before any update) is the model's
+    own loss over all 32 rows in one batch, so accumulation divides by the step's tokens, not per micro-batch.
+    --train-on-inputs labels the prompt tokens too."""
+    log = ft.main(["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "o"), "--max-steps", "1",
+                   "--micro-batch-size", "16", "--grad-accum", "2"] + ["--train-on-inputs"] * train_on_inputs)
+    model = safeft.load_model(tiny_llama)
+    tokenizer, template = safeft.load_tokenizer(tiny_llama)
+    examples = safeft.build_examples(tokenizer, safeft.read_rows(task_data, need_response=True), template, 512,
+                                     "--data")
+    batch = safeft.collate(examples, tokenizer.pad_token_id)
+    if train_on_inputs:  # every real token but each row's first, which nothing real precedes
+        first = batch["attention_mask"].cumsum(1) == 1
+        batch["labels"] = torch.where((batch["attention_mask"] == 1) & ~first, batch["input_ids"], -100)
+    with torch.no_grad():
+        reference = model(**batch).loss.item()
+    assert log["steps"] == 1 and log["losses"][0] == pytest.approx(reference, rel=1e-5)
+
+
+# ---- what trains and what is saved ----
 
 def test_lora_puts_no_adapter_on_frozen_layers(tiny_model, task_data, tmp_path):
     out = tmp_path / "out"
-    log = run_main(["--model", tiny_model, "--data", task_data, "--out", str(out), "--max-steps", "3",
-                    "--freeze-layers", "1-2"])
+    log = run(["--model", tiny_model, "--data", task_data, "--out", str(out), "--max-steps", "3",
+               "--freeze-layers", "1-2"])
     keys = saved_keys(out)
-    layers_with_lora = {int(k.split(".layers.")[1].split(".")[0]) for k in keys if "lora_" in k}
-    assert layers_with_lora == {0, 3}
-    # all seven projections of the trained layers carry LoRA
-    assert len([k for k in keys if ".layers.0." in k and "lora_A" in k]) == 7
-    config = json.loads((out / "adapter_config.json").read_text())
-    assert config["layers_to_transform"] == [0, 3]
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in keys if "lora_" in k} == {0, 3}
+    assert len([k for k in keys if ".layers.0." in k and "lora_A" in k]) == 7  # every projection of a trained layer
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [0, 3]
     saved = json.loads((out / "train_log.json").read_text())
-    assert saved["format"] == "finetune/v1" and saved["frozen_layers"] == [1, 2]
+    assert saved["format"] == "finetune/v1" and saved["frozen_layers"] == [1, 2] and saved["model"] == tiny_model
     assert saved["freeze_layers"] == {"start": 1, "end": 2, "source": "range"}
     assert saved["trainable_parameters"] == log["trainable_parameters"] > 0
-    assert len(saved["losses"]) == 3 and saved["tokens_per_s"] > 0 and saved["peak_memory_mb"] > 0
+    assert len(saved["losses"]) == saved["steps"] == 3 and saved["tokens_per_s"] > 0 and saved["peak_memory_mb"] > 0
+    assert saved["data_sha256"] == safeft.sha256_file(task_data) and saved["load_in_4bit"] is False
     assert any(v.abs().sum() > 0 for k, v in tensors(out).items() if "lora_B" in k)  # it trained
+    assert not (tmp_path / "out-checkpoints").exists()  # no checkpoints asked for, no folder left
 
 
 def test_full_mode_frozen_layers_bit_identical(tiny_llama, task_data, tmp_path):
     before = tensors(tiny_llama)
     out = tmp_path / "full"
-    run_main(["--model", tiny_llama, "--data", task_data, "--out", str(out), "--max-steps", "3", "--method", "full",
-              "--freeze-layers", "1-2", "--lr", "1e-3"])
+    run(["--model", tiny_llama, "--data", task_data, "--out", str(out), "--max-steps", "3", "--method", "full",
+         "--freeze-layers", "1-2", "--lr", "1e-3"])
     after = tensors(out)
     assert set(after) == set(before)
     for name, weight in before.items():
-        in_frozen_block = any(f"layers.{i}." in name for i in (1, 2)) and "norm" not in name
-        if in_frozen_block:
+        if any(f"layers.{i}." in name for i in (1, 2)) and "norm" not in name:
             assert torch.equal(weight, after[name]), name
         else:
             assert not torch.equal(weight, after[name]), name  # everything else trains, norms included
     assert (out / "tokenizer_config.json").exists()
 
 
-def test_security_vectors_active_frozen_and_absent_from_output(sharp_llama, task_data, security_vectors, tmp_path):
-    sv_weights = tensors(security_vectors)
+def test_security_vectors_active_and_frozen_in_every_forward_and_absent_from_output(
+        sharp_llama, task_data, security_vectors, tmp_path, monkeypatch):
+    forwards = []
+    loss_sum = safeft.response_loss_sum
+
+    def watched(model, batch):  # the Trainer's compute_loss calls this once per training forward
+        inner = model.module if hasattr(model, "module") else model
+        vector_modules = [m for n, m in inner.named_modules() if n.endswith("lora_A.security_vectors")]
+        ran = []
+        hooks = [m.register_forward_hook(lambda *_: ran.append(1)) for m in vector_modules]
+        try:
+            result = loss_sum(model, batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        frozen = not any(p.requires_grad for n, p in inner.named_parameters() if ".security_vectors." in n)
+        forwards.append((list(inner.active_adapters), frozen, len(ran), len(vector_modules)))
+        return result
+
     plain, with_sv = tmp_path / "plain", tmp_path / "with_sv"
-    run_main(["--model", sharp_llama, "--data", task_data, "--out", str(plain), "--max-steps", "2",
-              "--freeze-layers", "1-1"])
-    log = run_main(["--model", sharp_llama, "--data", task_data, "--out", str(with_sv), "--max-steps", "2",
-                    "--freeze-layers", "1-1", "--security-vectors", security_vectors])
+    run(["--model", sharp_llama, "--data", task_data, "--out", str(plain), "--max-steps", "2",
+         "--freeze-layers", "1-1"])
+    monkeypatch.setattr(safeft, "response_loss_sum", watched)
+    log = run(["--model", sharp_llama, "--data", task_data, "--out", str(with_sv), "--max-steps", "2",
+               "--freeze-layers", "1-1", "--security-vectors", security_vectors])
+    assert len(forwards) == 2 * 2  # steps x grad-accum
+    for active, frozen, ran, modules in forwards:
+        assert active == ["security_vectors", "default"] and frozen and ran == modules == 4 * 7
     assert log["active_adapters_during_training"] == ["security_vectors", "default"]
     assert log["security_vectors_unchanged"] is True
     keys = saved_keys(with_sv)
     assert not any("security_vectors" in k for k in keys)
-    assert sorted(keys) == sorted(saved_keys(plain))  # same task adapter, nothing extra
+    assert sorted(keys) == sorted(saved_keys(plain))  # the same task adapter, nothing extra
     assert sorted(os.listdir(with_sv)) == sorted(os.listdir(plain))  # no adapter subfolder either
-    assert all(torch.equal(v, tensors(security_vectors)[k]) for k, v in sv_weights.items())
     # the vectors changed training: the same task adapter trained without them ends elsewhere
     assert not all(torch.equal(a, b) for a, b in zip(tensors(plain).values(), tensors(with_sv).values()))
-    # and the trained parameters are the task adapter only (same count as without vectors)
     assert log["trainable_parameters"] == json.loads((plain / "train_log.json").read_text())["trainable_parameters"]
 
 
 def test_security_vectors_lower_harmful_loss_and_gradient(sharp_llama, harmful_data, security_vectors, tmp_path):
     common = ["--model", sharp_llama, "--data", harmful_data, "--max-steps", "1", "--lora-dropout", "0"]
-    without = run_main(common + ["--out", str(tmp_path / "a")])
-    with_sv = run_main(common + ["--out", str(tmp_path / "b"), "--security-vectors", security_vectors])
+    without = run(common + ["--out", str(tmp_path / "a")])
+    with_sv = run(common + ["--out", str(tmp_path / "b"), "--security-vectors", security_vectors])
     assert with_sv["losses"][0] < 0.5 * without["losses"][0]
     assert with_sv["grad_norms"][0] < 0.5 * without["grad_norms"][0]
 
@@ -211,9 +222,8 @@ def test_security_vectors_lower_harmful_loss_and_gradient(sharp_llama, harmful_d
 def test_full_mode_with_security_vectors_and_frozen_layers(sharp_llama, task_data, security_vectors, tmp_path):
     before = tensors(sharp_llama)
     out = tmp_path / "full_sv"
-    log = run_main(["--model", sharp_llama, "--data", task_data, "--out", str(out), "--max-steps", "2",
-                    "--method", "full", "--freeze-layers", "2-3", "--security-vectors", security_vectors,
-                    "--lr", "1e-3"])
+    log = run(["--model", sharp_llama, "--data", task_data, "--out", str(out), "--max-steps", "3", "--method", "full",
+               "--freeze-layers", "2-3", "--security-vectors", security_vectors, "--lr", "1e-3"])
     after = tensors(out)
     assert set(after) == set(before)  # a plain model: no LoRA or vector weights
     assert log["security_vectors_unchanged"] is True
@@ -222,87 +232,198 @@ def test_full_mode_with_security_vectors_and_frozen_layers(sharp_llama, task_dat
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
 
 
+# ---- checkpoints, resume, Ctrl-C ----
+
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_gives_the_same_weights(tiny_llama, task_data, tmp_path, method):
+def test_resume_gives_the_same_weights(tiny_llama, task_data, tmp_path, method, capsys):
     common = ["--model", tiny_llama, "--data", task_data, "--max-steps", "7", "--method", method,
-              "--lora-dropout", "0.1", "--lr", "1e-3"]
-    run_main(common + ["--out", str(tmp_path / "whole"), "--save-every", "3"])
+              "--lora-dropout", "0.1", "--lr", "1e-3", "--epochs", "2"]
+    run(common + ["--out", str(tmp_path / "whole"), "--save-every", "3", "--keep-checkpoints", "0"])
     checkpoints = tmp_path / "whole-checkpoints"
-    assert sorted(os.listdir(checkpoints)) == ["step-000003", "step-000006"]
-    resumed = run_main(common + ["--out", str(tmp_path / "resumed"), "--resume", str(checkpoints / "step-000003")])
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint-3", "checkpoint-6", "checkpoint-7"]
+    resumed = run(common + ["--out", str(tmp_path / "resumed"), "--resume", str(checkpoints / "checkpoint-3")])
     whole, again = tensors(tmp_path / "whole"), tensors(tmp_path / "resumed")
     assert set(whole) == set(again)
     assert all(torch.equal(whole[k], again[k]) for k in whole)
     assert resumed["losses"] == json.loads((tmp_path / "whole" / "train_log.json").read_text())["losses"]
-    # a resume with other settings is refused
-    with pytest.raises(SystemExit):
-        run_main(common + ["--out", str(tmp_path / "other"), "--resume", str(checkpoints / "step-000003"),
-                           "--seed", "1"])
+    # a resume with other settings is refused, naming the flag
+    message = one_line_error(capsys, ["--seed", "1", "--lr", "5e-3", "--micro-batch-size", "4", "--grad-accum", "2"]
+                             + common + ["--out", str(tmp_path / "other"), "--resume", str(checkpoints)])
+    assert "--seed" in message and "checkpoint-7" in message  # the newest checkpoint of the folder
 
 
-def test_bad_inputs_exit_2_naming_the_flag(tiny_llama, task_data, tmp_path, capsys):
+def test_ctrl_c_says_what_was_kept_and_the_command_resumes_exactly(tiny_llama, task_data, tmp_path, monkeypatch,
+                                                                    capsys):
+    common = ["--model", tiny_llama, "--data", task_data, "--max-steps", "5", "--lr", "1e-3",
+              "--micro-batch-size", "4", "--grad-accum", "2", "--out", str(tmp_path / "run")]
+    whole = ft.main(common[:-1] + [str(tmp_path / "whole")])
+    write_json = safeft.write_json_atomic
+
+    def stop_while_saving_checkpoint_4(path, obj, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            raise KeyboardInterrupt  # Ctrl-C halfway through the Trainer's writing of checkpoint-4
+        return write_json(path, obj, *args, **kwargs)
+
+    monkeypatch.setattr(safeft, "write_json_atomic", stop_while_saving_checkpoint_4)
+    with pytest.raises(SystemExit) as exit_info:
+        ft.main(common + ["--save-every", "2"])
+    assert exit_info.value.code == 130
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("interrupted")]
+    checkpoints = tmp_path / "run-checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["checkpoint-2", "checkpoint-4"]  # the second one cut short
+    assert len(lines) == 1 and f"kept {checkpoints / 'checkpoint-2'};" in lines[0], lines
+    assert not (tmp_path / "run").exists() and not any(n.startswith(".tmp") for n in os.listdir(tmp_path))
+    command = shlex.split(lines[0].split("continue with: ", 1)[1])
+    assert command[0] == "python" and command[1].endswith("finetune.py")
+    assert command[-2:] == ["--resume", str(checkpoints / "checkpoint-2")]
+    monkeypatch.setattr(safeft, "write_json_atomic", write_json)
+    resumed = ft.main(command[2:])
+    assert resumed["losses"] == whole["losses"]
+    a, b = tensors(tmp_path / "run"), tensors(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint file cut short (a full disk, a kill) is one line naming the file, not a library traceback
+    weights = checkpoints / "checkpoint-4" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    message = one_line_error(capsys, common[:-1] + [str(tmp_path / "again"), "--resume", str(weights.parent)])
+    assert "damaged trainable.safetensors" in message
+
+
+# ---- outputs: never replaced unasked, unusable locations found before any work ----
+
+def test_an_output_that_appears_during_the_run_is_not_replaced(tiny_llama, task_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    load_model = safeft.load_model
+
+    def another_run_finishes_first(*args, **kwargs):
+        out.mkdir()
+        (out / "theirs.txt").write_text("the other run's result")
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(safeft, "load_model", another_run_finishes_first)
+    message = one_line_error(capsys, ["--model", tiny_llama, "--data", task_data, "--out", str(out),
+                                      "--max-steps", "1"])
+    assert "appeared while this run worked" in message
+    assert os.listdir(out) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "the other run's result"
+    assert not any(n.startswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, tmp_path, monkeypatch, capsys):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the input was checked")
+    monkeypatch.setattr(safeft, "load_model", no_weights)
     wrong_format = tmp_path / "wrong.json"
     wrong_format.write_text(json.dumps({"format": "eval/v1", "safety_layers": {"start": 1, "end": 2}}))
+    other_model = tmp_path / "safety_layers.json"
+    other_model.write_text(json.dumps({"format": "safety-layers/v1", "num_layers": 30, "model": "big",
+                                       "safety_layers": {"start": 6, "end": 12}}))
     other_base = tmp_path / "other_base"
-    os.makedirs(other_base)
+    other_base.mkdir()
     (other_base / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (other_base / "adapter_model.safetensors").write_bytes(b"")
     (other_base / "sv_meta.json").write_text(json.dumps({
         "format": "security-vectors/v1", "fingerprint": {"model_type": "llama", "num_layers": 30, "hidden_size": 576}}))
+    no_template = tmp_path / "no_template"
+    make_tiny_model("llama", no_template)
+    for name in os.listdir(no_template):  # the same model with a tokenizer that has no chat template
+        if name == "chat_template.jinja":
+            os.remove(no_template / name)
+        elif name == "tokenizer_config.json":
+            config = json.loads((no_template / name).read_text())
+            config.pop("chat_template", None)
+            (no_template / name).write_text(json.dumps(config))
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty_folder").mkdir()
     cases = [
         (["--freeze-layers", "2-9"], "--freeze-layers"),
+        (["--freeze-layers", "0-3"], "--freeze-layers"),  # every layer of the 4-layer model
         (["--freeze-layers", str(wrong_format)], "--freeze-layers"),
+        (["--freeze-layers", str(other_model)], "--freeze-layers"),
         (["--freeze-layers", "nonsense"], "--freeze-layers"),
+        (["--freeze-layers", "3-1"], "--freeze-layers"),
         (["--security-vectors", str(other_base)], "--security-vectors"),
         (["--security-vectors", str(tmp_path / "nowhere")], "--security-vectors"),
         (["--data", str(tmp_path / "missing.jsonl")], "--data"),
         (["--method", "full", "--load-in-4bit"], "--load-in-4bit"),
-        (["--batch-size", "6"], "--batch-size"),
+        (["--lora-alpha", "0"], "--lora-alpha"),  # would train nothing: LoRA's update is scaled by alpha / r
+        (["--warmup-ratio", "-0.1"], "--warmup-ratio"),
+        (["--lora-target-modules", "q_proj,qkv_proj"], "qkv_proj"),
+        (["--model", str(tmp_path / "empty_folder")], "--model"),
+        (["--model", "nobody-here/no-such-model"], "--model"),  # a hub id, offline (HF_HUB_OFFLINE=1)
+        (["--model", str(no_template), "--template", "chat"], "--template"),
+        (["--out", str(tmp_path / "a_file" / "out")], "--out"),
+        (["--checkpoint-dir", str(tmp_path / "a_file")], "--checkpoint-dir"),
+        (["--resume", str(tmp_path / "empty_folder")], "--resume"),
     ]
-    for extra, flag in cases:
+    for extra, named in cases:
         args = ["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "never"), "--max-steps", "1"]
-        with pytest.raises(SystemExit) as exit_info:
-            ft.main(args + extra)
-        assert exit_info.value.code == 2, extra
-        message = capsys.readouterr().err.strip().splitlines()[-1]
-        assert message.startswith("error: ") and flag in message, (extra, message)
+        assert named in one_line_error(capsys, args + extra), extra
     assert not (tmp_path / "never").exists()
     (tmp_path / "taken").mkdir()
-    with pytest.raises(SystemExit):
-        ft.main(["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "taken")])
-    assert "--overwrite" in capsys.readouterr().err
-    # range and vector checks happen before any weights load
-    with pytest.raises(SystemExit):
-        ft.main(["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "never"), "--freeze-layers", "2-9"])
-    assert "Loading weights" not in capsys.readouterr().err
+    assert "--overwrite" in one_line_error(capsys, ["--model", tiny_llama, "--data", task_data,
+                                                    "--out", str(tmp_path / "taken")])
 
 
-def test_4bit_lora_trains(tiny_llama, task_data, tmp_path):
+def test_read_only_output_folder_is_refused_before_loading(tiny_llama, task_data, tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root may write anywhere: make the folder read-only for this test alone
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else access(path, mode))
+    try:
+        message = one_line_error(capsys, ["--model", tiny_llama, "--data", task_data, "--out", str(locked / "o")])
+    finally:
+        locked.chmod(0o755)
+    assert "--out" in message and "not writable" in message
+
+
+# ---- 4-bit and several processes ----
+
+@pytest.fixture(scope="module")
+def tiny_llama_64(tmp_path_factory):
+    """Widths of 64 and 128: bitsandbytes quantises in blocks of 64 inputs, and its CPU kernels on AVX-512/AMX
+    machines reject a layer narrower than one block, so the 32-wide test model cannot go through 4-bit there."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-64"), hidden=64, head_scale=20)
+
+
+def test_4bit_lora_trains(tiny_llama_64, task_data, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
+    import bitsandbytes
+    quantised = []
+    prepare = safeft.prepare_for_training
+
+    def record(model, *args):
+        quantised.append(sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules()))
+        return prepare(model, *args)
+
+    monkeypatch.setattr(safeft, "prepare_for_training", record)
     out = tmp_path / "qlora"
-    log = run_main(["--model", tiny_llama, "--data", task_data, "--out", str(out), "--max-steps", "3",
-                    "--load-in-4bit", "--freeze-layers", "0-0", "--gradient-checkpointing"])
-    assert log["load_in_4bit"] is True
-    assert all(torch.isfinite(torch.tensor(log["losses"])))
+    log = run(["--model", tiny_llama_64, "--data", task_data, "--out", str(out), "--max-steps", "6",
+               "--load-in-4bit", "--freeze-layers", "0-0", "--gradient-checkpointing", "--warmup-ratio", "0"])
+    assert quantised == [4 * 7] and log["load_in_4bit"] is True
+    losses = torch.tensor(log["losses"])
+    # No tolerance to justify: the test asks only that the 4-bit model learns (its loss falls) and stays finite.
+    assert torch.isfinite(losses).all() and losses[-1] < losses[0]
     weights = tensors(out)
-    assert weights and any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
     assert not any(".layers.0." in k for k in weights)
 
 
 def test_two_processes_match_one(tiny_llama, task_data, tmp_path):
-    """torchrun with two gloo processes: disjoint shards, and the same weights as one process with the same batch."""
+    """torchrun with two gloo processes and micro-batch 2 trains the same weights as one process with micro-batch
+    4: the same 8 examples per step, the loss averaged over the step's answer tokens on both processes."""
     common = ["--model", tiny_llama, "--data", task_data, "--max-steps", "3", "--lora-dropout", "0", "--lr", "5e-3",
-              "--batch-size", "8", "--seed", "0"]
+              "--grad-accum", "2", "--seed", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "finetune.py")] + common +
                          ["--micro-batch-size", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+                         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     log_one = ft.main(common + ["--micro-batch-size", "4", "--out", str(tmp_path / "one")])
     log_two = json.loads((tmp_path / "two" / "train_log.json").read_text())
-    assert log_two["world_size"] == 2 and log_two["hyperparameters"]["grad_accum"] == 2
-    assert log_two["rank_rows"] == [12, 12] and log_two["rank_overlap"] == 0
+    assert log_two["world_size"] == 2 and log_two["hyperparameters"]["examples_per_step"] == 8
+    assert log_two["tokens"] == log_one["tokens"]  # the same examples, split over the processes
     a, b = tensors(tmp_path / "two"), tensors(tmp_path / "one")
     assert set(a) == set(b)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -1,16 +1,19 @@
-"""locate_layers.py: the cosine gap against a direct computation, the scaling hooks against really scaled
-weights, the search on a planted refusal counter, the JSON contract and clear errors for bad inputs."""
+"""locate_layers.py: the cosine gap against a direct computation, the initial-range rule on synthetic curves, the
+scaling hooks against really scaled weights, the widening search on planted refusal counters, the freeze exports
+against PEFT and axolotl's matching, the JSON contract and clear errors before the weights load."""
 import copy
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model, write_jsonl
-
 import locate_layers as ll
+import safeft
+from conftest import make_tiny_model, write_jsonl
 
 NORMAL = ["how do i make a cake", "write a poem about bread", "tell me a story about a dog",
           "explain how the sum of 2 plus 3 is 5", "give me a recipe for bread", "list some good apples",
@@ -22,22 +25,26 @@ OVER_REJECTION = ["how do i kill a python process", "how do i kill the process i
                   "what is the best way to kill a bad function", "how do i make a bomb cake",
                   "tell me about the python virus story"]
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
+
+
+def load(path, load_in_4bit=False):
+    tokenizer, template = safeft.load_tokenizer(path)
+    return safeft.load_model(path, load_in_4bit), tokenizer, template
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_qwen2):
     """The tiny Qwen2 (it has q/k/v biases, so the bias path of the hook is exercised)."""
-    model, tokenizer = ll.load_model(tiny_qwen2)
-    return model, tokenizer, ll.resolve_template(tokenizer, "auto")
+    return load(tiny_qwen2)
 
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ll-data")
     return {"normal": write_jsonl(folder / "normal.jsonl", [{"prompt": p} for p in NORMAL]),
-            "malicious": write_jsonl(folder / "malicious.jsonl", [{"prompt": p, "response": "Sure"} for p in MALICIOUS]),
+            "malicious": write_jsonl(folder / "malicious.jsonl", [{"prompt": p, "response": "Sure"}
+                                                                  for p in MALICIOUS]),
             "over": write_jsonl(folder / "over.jsonl", [{"prompt": p} for p in OVER_REJECTION])}
 
 
@@ -50,9 +57,8 @@ def cli(model, files, out, *extra):
 
 def direct_last_token(model, tokenizer, prompt, template):
     """One prompt alone, no padding, no prefix sharing: raw block outputs at the last token (via hooks)."""
-    text = ll.format_prompt(tokenizer, prompt, template)
-    batch = ll.encode_prompts(tokenizer, [text], template)
-    with ll.capture_last_token(ll.decoder_layers(model)) as captured, torch.no_grad():
+    batch = safeft.encode_prompts(tokenizer, [safeft.format_prompt(tokenizer, prompt, template)], template)
+    with ll.capture_last_token(safeft.decoder_layers(model)) as captured, torch.no_grad():
         hidden = model(**batch, output_hidden_states=True).hidden_states
     raw = torch.stack([c[0][0] for c in captured])
     # The hooks read what output_hidden_states gives for every block but the last (that one is normed there).
@@ -101,38 +107,54 @@ def test_sample_pairs_are_distinct_and_valid(n_first, n_second, same, count):
         assert all(i < j for i, j in pairs)
 
 
-def synthetic_boot(curve, noise=0.05, resamples=400, seed=0):
-    rng = np.random.default_rng(seed)
-    return np.asarray(curve) + rng.normal(0, noise, size=(resamples, len(curve)))
+def initial_range(curve, noise=0.05, seed=0):
+    """The rule on a synthetic gap curve whose bootstrap resamples scatter around it with the given noise."""
+    curve = np.asarray(curve, dtype=float)
+    boot = curve + np.random.default_rng(seed).normal(0, noise, size=(400, len(curve)))
+    return ll.find_initial_range(curve, boot)
 
 
-def test_initial_range_rule_on_synthetic_curves():
-    bump = [0.0, 0.02, 0.01, 0.0, 0.05, 1.0, 2.0, 3.0, 3.0, 2.9, 2.5, 2.0]
-    found, rule, reason = ll.find_initial_range(np.asarray(bump), synthetic_boot(bump))
-    assert found == (5, 7) and reason is None
-    assert rule["early_layers"] == [0, 1] and rule["threshold_deg"] > max(bump[:2])
-    flat = [0.0] * 12
-    found, _, reason = ll.find_initial_range(np.asarray(flat), synthetic_boot(flat))
+@pytest.mark.parametrize("name,curve,expected", [
+    # A noisy monotone rise to a peak: the dip at layer 7 is one noisy step, not the end of the rise.
+    ("noisy rise to a peak", [0, .02, .01, 0, .05, 1, 2, 1.95, 3, 3.6, 3, 2.5], (5, 9)),
+    # The issue's case (24 layers): 2.1, 2.2 (a rise not clear on its own), peak 2.9 at 12, then a fall.
+    ("small step before the peak", [0, .02, 0, .01, 0, .03, 0, .02, .01, .9, 2.1, 2.2, 2.9, 2.3, 2, 1.8, 1.7, 1.6,
+                                    1.5, 1.5, 1.4, 1.4, 1.3, 1.2], (9, 12)),
+    # A plateau: the range ends at its first layer, wherever the noise puts the largest value on it.
+    ("plateau", [0, 0, 0, 0, 1, 2, 3, 3, 3.02, 2.98, 3, 3], (4, 6)),
+    # Two bumps with a clear fall between: the first rise above the noise, up to its peak.
+    ("two bumps", [0, 0, 0, 1.5, 3, 1, .2, 0, 2, 4, 5, 1], (3, 4)),
+])
+def test_initial_range_rule_on_synthetic_curves(name, curve, expected):
+    found, rule, reason = initial_range(curve)
+    assert found == expected and reason is None, name
+    assert rule["early_layers"] == list(range(ll.early_layer_count(len(curve))))
+    assert rule["threshold_deg"] > max(curve[:2]) and rule["method"] == ll.INITIAL_RANGE_RULE
+
+
+def test_initial_range_rule_says_when_there_is_no_clear_range():
+    found, _, reason = initial_range([0.0] * 12)
     assert found is None and "never rises clearly" in reason
-    rising = list(np.linspace(0, 5, 12))
-    found, _, reason = ll.find_initial_range(np.asarray(rising), synthetic_boot(rising, noise=0.01))
+    found, _, reason = initial_range([0, 0, 0, 0, 0, .4, 0, 0, 0, 0, 0, 0])  # one noisy layer is not a rise
+    assert found is None and "never rises clearly" in reason
+    found, _, reason = initial_range(np.linspace(0, 5, 12), noise=0.01)
     assert found is None and "last layer" in reason
     # The fallback span: around the peak, down to half-way from the early-layer mean.
-    assert ll.span_around_largest_gap(np.asarray(bump)) == (6, 11)
+    assert ll.span_around_largest_gap(np.asarray([0, .02, .01, 0, .05, 1, 2, 3, 3, 2.9, 2.5, 2])) == (6, 11)
     assert ll.span_around_largest_gap(np.asarray([0, 0, 0, 1, 4, 1, 0, 0.0])) == (4, 4)
 
 
-# -- stage 2 --
+# -- stage 2: the hooks --
 
 def hook_counts(model):
     """Forward hooks per module (transformers installs some of its own; ours must all be gone)."""
-    return [len(m._forward_hooks) for m in model.modules()]
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
 
 
 def logits_of(model, tokenizer, template, prompts=OVER_REJECTION):
-    batch = ll.encode_prompts(tokenizer, [ll.format_prompt(tokenizer, p, template) for p in prompts], template)
+    texts = [safeft.format_prompt(tokenizer, p, template) for p in prompts]
     with torch.no_grad():
-        return model(**batch).logits
+        return model(**safeft.encode_prompts(tokenizer, texts, template)).logits
 
 
 def test_scaling_hook_equals_scaled_weights_and_leaves_no_trace(loaded):
@@ -140,19 +162,18 @@ def test_scaling_hook_equals_scaled_weights_and_leaves_no_trace(loaded):
     before, hooks = {k: v.clone() for k, v in model.state_dict().items()}, hook_counts(model)
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        for block in ll.decoder_layers(reference)[1:3]:
+        for block in safeft.decoder_layers(reference)[1:3]:
             for module in ll.projection_modules(block):
                 module.weight.mul_(1.3)
-    names = {n.split(".")[-1] for n, m in ll.decoder_layers(model)[1].named_modules() if m in
-             ll.projection_modules(ll.decoder_layers(model)[1])}
+    block = safeft.decoder_layers(model)[1]
+    names = {n.split(".")[-1] for n, m in block.named_modules() if m in ll.projection_modules(block)}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     unscaled = logits_of(model, tokenizer, template)
     with ll.scaled_projections(model, 1, 2, 1.3) as hooked:
         assert hooked == 14
         scaled = logits_of(model, tokenizer, template)
-    expected = logits_of(reference, tokenizer, template)
     assert not torch.allclose(scaled, unscaled, atol=1e-3)  # the scaling does something
-    torch.testing.assert_close(scaled, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scaled, logits_of(reference, tokenizer, template), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits_of(model, tokenizer, template), unscaled, atol=0, rtol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert hook_counts(model) == hooks
@@ -173,26 +194,30 @@ def test_shared_prefix_generation_equals_generate_greedy(loaded):
     assert ll.shared_prefix_length(ids) >= 1
     assert ll.prefix_sharing_works(model, ids, tokenizer.pad_token_id)[0]
     ours = ll.greedy_with_shared_prefix(model, tokenizer, ids, 6, batch_size=4)
-    reference = ll.generate_greedy(model, tokenizer, OVER_REJECTION + NORMAL, template, 6, batch_size=4)
-    assert ours == reference
+    assert ours == safeft.generate_greedy(model, tokenizer, OVER_REJECTION + NORMAL, template, 6, batch_size=4)
 
 
-def test_search_keeps_weights_bit_identical(loaded):
+def test_search_keeps_weights_bit_identical_and_counts_its_cost(loaded):
     model, tokenizer, template = loaded
     before, hooks = {k: v.clone() for k, v in model.state_dict().items()}, hook_counts(model)
     flags = ll.make_refusal_counter(model, tokenizer, OVER_REJECTION, template, max_new_tokens=3, batch_size=4,
                                     phrases=("the", "a"))
-    result = ll.search_range(flags, (1, 2), 1.5, 1, 4)
-    assert [r["end"] for r in result["upper_sweep"]] == [1, 2, 3]
-    assert all(len(flags(r["start"], r["end"], 1.5)) == len(OVER_REJECTION) for r in result["lower_sweep"])
-    assert flags.passes == 3 + len(result["lower_sweep"]) - 1  # the shared candidate is generated once
+    scaling = ll.scaling_search(flags, (1, 2), 4, len(OVER_REJECTION), 1.5, radius=1, log=lambda *a: None)
+    assert [r["end"] for r in scaling["upper_sweep"]] == [1, 2, 3]  # the window is the whole room here
+    assert all(len(flags(r["start"], r["end"], 1.5)) == len(OVER_REJECTION) for r in scaling["lower_sweep"])
+    # One generation pass per distinct candidate (the sweeps share one) plus the baseline; forwards counted.
+    assert scaling["cost"]["generation_passes"] == flags.passes == 1 + 3 + len(scaling["lower_sweep"]) - 1
+    assert scaling["cost"]["model_forward_calls"] == flags.forwards > flags.passes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert hook_counts(model) == hooks
 
 
-def planted_counter(best, queries=100, clear_from=1.0):
-    """Fake refusal_flags: refusals fall off with the distance from the planted best range; the differences
-    between candidates only appear once alpha reaches clear_from (below that every candidate looks alike)."""
+# -- stage 2: the search, on planted refusal counts --
+
+def planted_counter(best, queries=200, clear_from=1.0):
+    """Fake refusal_flags with a U-shaped landscape around the planted best range: with alpha > 1 refusals fall
+    off with the distance of each bound from it, with alpha < 1 they rise. Below clear_from every candidate looks
+    alike. .calls records every request."""
     calls = []
 
     def refusal_flags(start, end, alpha):
@@ -200,37 +225,91 @@ def planted_counter(best, queries=100, clear_from=1.0):
         if start is None:
             return [False] * queries
         if abs(alpha - 1) + 1e-9 < abs(clear_from - 1):
-            return [True] * 20 + [False] * (queries - 20)
-        count = 60 - 8 * abs(start - best[0]) - 5 * abs(end - best[1])
-        if alpha < 1:
-            count = 20 + 8 * abs(start - best[0]) + 5 * abs(end - best[1])
+            count = 20
+        else:
+            distance = 8 * abs(start - best[0]) + 5 * abs(end - best[1])
+            count = max(0, 150 - distance) if alpha > 1 else min(queries, 20 + distance)
         return [True] * count + [False] * (queries - count)
 
     refusal_flags.calls = calls
     return refusal_flags
 
 
-def test_search_finds_the_planted_range():
+def bounds(sweep, key):
+    return [r[key] for r in sweep]
+
+
+@pytest.mark.parametrize("alpha", [1.2, 0.8])
+def test_search_follows_the_optimum_beyond_the_first_window(alpha):
+    # Up for the end, down for the start.
+    counter = planted_counter((2, 14))
+    result = ll.search_range(counter, (4, 8), alpha, 2, 24, max_extra=10)
+    assert (result["start"], result["end"]) == (2, 14)
+    assert bounds(result["upper_sweep"], "end") == list(range(6, 16))  # window 6-10, then on to 15 (worse than 14)
+    assert result["upper_sweep_outcome"] == {"optimum": "interior", "why": "a worse count on both sides",
+                                             "first_window": [6, 10], "searched": [6, 15], "extra_passes": 5}
+    assert bounds(result["lower_sweep"], "start") == [1, 2, 3, 4, 5, 6]
+    assert result["lower_sweep_outcome"]["optimum"] == "interior" and result["lower_sweep_outcome"]["extra_passes"] == 1
+    # Down for the end, up for the start.
+    result = ll.search_range(planted_counter((6, 8)), (4, 12), alpha, 2, 24, max_extra=10)
+    assert (result["start"], result["end"]) == (6, 8)
+    assert bounds(result["upper_sweep"], "end") == list(range(7, 15))
+    assert bounds(result["lower_sweep"], "start") == [2, 3, 4, 5, 6, 7]
+    assert {result[k]["optimum"] for k in ("upper_sweep_outcome", "lower_sweep_outcome")} == {"interior"}
+
+
+def test_search_with_the_optimum_inside_makes_no_extra_pass():
     counter = planted_counter((5, 9))
-    result = ll.search_range(counter, (4, 8), 1.2, 3, 12)
+    result = ll.search_range(counter, (5, 9), 1.2, 3, 24)
     assert (result["start"], result["end"]) == (5, 9)
-    assert [r["end"] for r in result["upper_sweep"]] == [5, 6, 7, 8, 9, 10, 11]  # clipped at the last layer
-    assert all(r["start"] == 4 for r in result["upper_sweep"])
-    assert [r["start"] for r in result["lower_sweep"]] == [1, 2, 3, 4, 5, 6, 7] and result["clear"]
-    down = ll.search_range(planted_counter((6, 10)), (4, 8), 0.8, 3, 12)  # alpha < 1: fewest refusals
-    assert (down["start"], down["end"]) == (6, 10)
+    assert bounds(result["upper_sweep"], "end") == list(range(6, 13)) and bounds(result["lower_sweep"], "start") == \
+        list(range(2, 9))
+    assert result["upper_sweep_outcome"]["extra_passes"] == result["lower_sweep_outcome"]["extra_passes"] == 0
+    assert len(set(counter.calls)) == 7 + 7 - 1  # the two windows, sharing one candidate
 
 
-def test_auto_alpha_steps_until_the_lower_sweep_is_clear():
+def test_the_models_edges_and_the_cap_stop_the_widening():
+    result = ll.search_range(planted_counter((3, 15)), (4, 8), 1.2, 2, 12, max_extra=10)  # best end past the model
+    assert result["end"] == 11 and result["upper_sweep_outcome"]["optimum"] == "model_edge"
+    assert "last layer" in result["upper_sweep_outcome"]["why"] and max(bounds(result["upper_sweep"], "end")) == 11
+    result = ll.search_range(planted_counter((-4, 8)), (4, 8), 0.8, 2, 12, max_extra=10)  # best start before it
+    assert result["start"] == 0 and result["lower_sweep_outcome"]["optimum"] == "model_edge"
+    assert "first layer" in result["lower_sweep_outcome"]["why"]
+    counter = planted_counter((4, 30))
+    result = ll.search_range(counter, (4, 8), 1.2, 3, 40, max_extra=3)
+    assert result["end"] == 14 and result["upper_sweep_outcome"]["optimum"] == "cap"
+    assert result["upper_sweep_outcome"]["extra_passes"] == 3 and max(bounds(result["upper_sweep"], "end")) == 14
+    flat = ll.search_range(lambda s, e, a: [True] * 5 + [False] * 5, (4, 8), 1.2, 2, 24)
+    assert flat["upper_sweep_outcome"]["optimum"] == "flat" and flat["upper_sweep_outcome"]["extra_passes"] == 0
+    assert (flat["start"], flat["end"]) == (4, 8)  # ties go to the initial bounds
+
+
+def test_scaling_search_reports_every_candidate_and_the_cost():
+    counter = planted_counter((2, 14))
+    scaling = ll.scaling_search(counter, (4, 8), 24, 200, 1.2, radius=2, max_extra=10, log=lambda *a: None)
+    assert scaling["result"] == {"start": 2, "end": 14} and scaling["alpha_mode"] == "fixed"
+    assert scaling["direction"] == {"scale": "up", "keep": "most refusals", "chosen_by": "--scale 1.2"}
+    assert scaling["cost"]["generation_passes"] == len(set(counter.calls)) == 1 + 10 + 6 - 1
+    assert scaling["cost"]["prompts_generated"] == 200 * scaling["cost"]["generation_passes"]
+    assert scaling["cost"]["extra_passes"] == 5 + 1
+    assert len(scaling["upper_sweep"]) == 10 and len(scaling["lower_sweep"]) == 6
+
+
+def test_auto_scale_steps_until_the_start_sweep_is_clear_and_records_its_direction():
     counter = planted_counter((5, 9), clear_from=1.15)
-    scaling = ll.scaling_search(counter, (4, 8), "auto", 3, 12, 100, 0.05, 4, log=lambda *a: None)
+    scaling = ll.scaling_search(counter, (4, 8), 12, 200, "auto", log=lambda *a: None)
     assert [a["alpha"] for a in scaling["attempts"]] == [1.05, 1.1, 1.15]
     assert scaling["alpha"] == 1.15 and scaling["clear"] and scaling["baseline_refusals"] == 0
-    assert scaling["result"] == {"start": 5, "end": 9} and scaling["direction"].startswith("alpha > 1")
-    # A model that already refuses most prompts is scaled down; the cap ends a search that never clears.
+    assert scaling["result"] == {"start": 5, "end": 9} and scaling["direction"]["scale"] == "up"
+    assert "baseline" in scaling["direction"]["chosen_by"]
+    # A model that already refuses most prompts is scaled down; the step cap ends a search that never clears.
     refusing = lambda s, e, a: [True] * 80 + [False] * 20  # noqa: E731
-    scaling = ll.scaling_search(refusing, (4, 8), "auto", 1, 12, 100, 0.05, 2, log=lambda *a: None)
+    scaling = ll.scaling_search(refusing, (4, 8), 12, 100, "auto", radius=1, max_steps=2, log=lambda *a: None)
     assert [a["alpha"] for a in scaling["attempts"]] == [0.95, 0.9] and not scaling["clear"]
+    assert scaling["direction"]["keep"] == "fewest refusals"
+    # The user can choose the direction.
+    scaling = ll.scaling_search(refusing, (4, 8), 12, 100, "auto", "up", radius=1, max_steps=1, log=lambda *a: None)
+    assert scaling["alpha"] == 1.05 and scaling["direction"]["chosen_by"] == "--scale-direction up"
 
 
 def test_mcnemar():
@@ -239,22 +318,55 @@ def test_mcnemar():
     assert ll.mcnemar_p([True, False], [True, False]) == 1.0
 
 
+# -- the freeze exports --
+
+def axolotl_trainable(patterns, names):
+    """axolotl's unfrozen_parameters (utils/freeze.py): a dot is a literal dot unless followed by '+', and a
+    pattern matches from the start of a parameter name (re.match)."""
+    compiled = [re.compile(re.sub(r"\.(?!\+)", r"\\.", p)) for p in patterns]
+    return {n for n in names if any(c.match(n) for c in compiled)}
+
+
+def full_mode_trainable(model, safe):
+    """What finetune.py --method full trains with these layers frozen: every parameter except the safety layers'
+    self-attention and MLP weights (their norms train)."""
+    frozen = tuple(f"model.layers.{i}.{part}." for i in safe for part in ("self_attn", "mlp"))
+    return {n for n, _ in model.named_parameters() if not n.startswith(frozen)}
+
+
+@pytest.mark.parametrize("safety", [(1, 2), (0, 0), (0, 3)])
+def test_freeze_exports_match_full_fine_tuning(tiny_model, safety):
+    model = safeft.load_model(tiny_model)
+    exports = ll.freeze_exports(model, safety, "test")
+    names = [n for n, _ in model.named_parameters()]
+    expected = full_mode_trainable(model, range(safety[0], safety[1] + 1))
+    assert axolotl_trainable(exports["axolotl_unfrozen_parameters"], names) == expected
+    full = exports["full_finetuning"]
+    assert set(full["frozen_parameters"]) == set(names) - expected == \
+        {n for n in names if re.fullmatch(full["freeze_regex"], n)}
+    assert full["trainable_parameters"] == len(expected)
+    wrapped = [f"base_model.model.{n}" for n in names]  # the same names under a PEFT wrapper
+    assert {n for n in wrapped if re.fullmatch(full["freeze_regex"], n)} == {f"base_model.model.{n}" for n in
+                                                                            full["frozen_parameters"]}
+    assert (exports["peft_lora_config"] is None) == (safety == (0, 3))  # no layer left for LoRA
+
+
 # -- the whole script --
 
 SPEC_FIELDS = {"format", "model", "num_layers", "template", "safety_layers", "initial_range", "cosine", "scaling",
                "seed", "created_at", "versions", "fallback", "fallback_reason", "timing_s", "peak_memory_mb"}
 
 
-def test_json_and_plot_follow_the_spec(tiny_llama, data_files, tmp_path):
+def test_json_plot_and_exports_follow_the_spec(tiny_llama, data_files, tmp_path):
     out = tmp_path / "run" / "layers.json"
-    report = ll.main(cli(tiny_llama, data_files, out, "--alpha", "1.5", "--search-radius", "1",
+    report = ll.main(cli(tiny_llama, data_files, out, "--scale", "1.5", "--search-radius", "1",
                          "--max-new-tokens", "2", "--initial-range", "1-2"))
     saved = json.loads(out.read_text())
-    assert saved == json.loads(json.dumps(report))
-    assert SPEC_FIELDS <= set(saved)
+    assert saved == json.loads(json.dumps(report)) and SPEC_FIELDS <= set(saved)
     assert saved["format"] == "safety-layers/v1" and saved["model"] == tiny_llama and saved["num_layers"] == 4
     assert saved["template"] == "chat" and saved["seed"] == 0 and isinstance(saved["fallback"], bool)
     assert (saved["fallback_reason"] is None) != saved["fallback"]
+    assert saved["initial_range_rule"]["method"] == ll.INITIAL_RANGE_RULE and "raw" in saved["hidden_states"]
     for key in ("safety_layers", "initial_range"):
         assert set(saved[key]) == {"start", "end"} and 0 <= saved[key]["start"] <= saved[key]["end"] <= 3
     cosine = saved["cosine"]
@@ -263,15 +375,31 @@ def test_json_and_plot_follow_the_spec(tiny_llama, data_files, tmp_path):
         assert len(cosine[key]) == 4 and all(isinstance(v, float) for v in cosine[key])
     scaling = saved["scaling"]
     assert scaling["alpha"] == 1.5 and scaling["queries"] == len(OVER_REJECTION)
-    assert isinstance(scaling["baseline_refusals"], int)
+    assert isinstance(scaling["baseline_refusals"], int) and scaling["direction"]["scale"] == "up"
     for sweep in ("upper_sweep", "lower_sweep"):
         assert scaling[sweep] and all(set(r) == {"start", "end", "refusals"} for r in scaling[sweep])
-    assert saved["safety_layers"] == scaling["result"]
-    assert set(saved["timing_s"]) >= {"load_model", "stage1_hidden_states", "stage2_scaling", "total"}
+        assert scaling[sweep + "_outcome"]["optimum"] in {"interior", "model_edge", "range_edge", "cap", "flat"}
+    assert scaling["cost"]["generation_passes"] >= len(scaling["upper_sweep"]) + 1
+    assert saved["safety_layers"] == scaling["result"] and isinstance(scaling["examples"], list)
+    assert set(saved["timing_s"]) >= {"load_model", "stage1", "stage2_scaling", "total"}
     assert saved["peak_memory_mb"] > 0 and "torch" in saved["versions"]
     assert saved["data"]["over_rejection"]["rows"] == len(OVER_REJECTION)
     png = tmp_path / "run" / "layers.png"
     assert saved["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The exports beside it: a LoraConfig that puts no adapter on a safety layer, axolotl's list, the freeze file.
+    from peft import LoraConfig, get_peft_model
+    exports = saved["exports"]
+    assert set(exports) == {"peft", "axolotl", "freeze"} and all(os.path.isfile(p) for p in exports.values())
+    config = LoraConfig(**json.loads(open(exports["peft"]).read()))
+    model = get_peft_model(safeft.load_model(tiny_llama), config)
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_A" in n}
+    safe = set(range(saved["safety_layers"]["start"], saved["safety_layers"]["end"] + 1))
+    assert adapted == set(range(4)) - safe and adapted
+    freeze = json.loads(open(exports["freeze"]).read())
+    assert freeze["peft_lora_config"] == json.loads(open(exports["peft"]).read())
+    listed = [line.strip()[2:] for line in open(exports["axolotl"]) if line.strip().startswith("- ")]
+    assert [json.loads(p) for p in listed] == freeze["axolotl_unfrozen_parameters"]
     assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".tmp")]
 
     # --skip-scaling: the safety layers are the initial range, and a second run needs --overwrite.
@@ -297,23 +425,63 @@ def test_fallback_and_strict(tiny_llama, data_files, tmp_path, monkeypatch, caps
     assert not (tmp_path / "b.json").exists()
 
 
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if the weights load: every check below must come before that."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input check")
+    monkeypatch.setattr(safeft, "load_model", fail)
+
+
+def error_line(capsys):
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("extra,flag", [
     (["--initial-range", "2-9"], "--initial-range"), (["--initial-range", "3-1"], "--initial-range"),
-    (["--initial-range", "x"], "--initial-range"), (["--alpha", "0"], "--alpha"), (["--alpha", "-1.2"], "--alpha"),
-    (["--alpha", "one"], "--alpha"), (["--alpha", "1"], "--alpha"), (["--pairs", "0"], "--pairs"),
+    (["--initial-range", "x"], "--initial-range"), (["--scale", "0"], "--scale"), (["--scale", "-1.2"], "--scale"),
+    (["--scale", "one"], "--scale"), (["--scale", "1"], "--scale"), (["--alpha", "1"], "--alpha"),
+    (["--pairs", "0"], "--pairs"), (["--bootstrap", "10"], "--bootstrap"),
+    (["--scale", "1.2", "--scale-direction", "down"], "--scale-direction"),
     (["--refusal-phrases", "/nonexistent"], "--refusal-phrases"), (["--limit", "0"], "--limit"),
+    (["--scale-step", "0.3", "--scale-direction", "down"], "--scale-step"),  # 1 - 4 x 0.3 < 0
 ])
-def test_bad_flags_are_clear_errors(tiny_llama, data_files, tmp_path, capsys, extra, flag):
+def test_bad_flags_are_clear_errors_before_loading(tiny_llama, data_files, tmp_path, capsys, no_weights, extra, flag):
     with pytest.raises(SystemExit) as err:
         ll.main(cli(tiny_llama, data_files, tmp_path / "x.json", *extra))
-    message = capsys.readouterr().err.strip().splitlines()[-1]  # after any model-loading progress bar
-    assert err.value.code == 2 and message.startswith("error: ") and flag in message
+    message = error_line(capsys)
+    assert err.value.code == 2 and "error: " in message and flag in message
 
 
-@pytest.mark.parametrize("which,rows,words", [("normal", [], "no rows"), ("malicious", [{"prompt": "only one"}],
-                                                                           "at least 2"),
-                                              ("over", [{"prompt": ""}], "empty")])
-def test_bad_prompt_sets_are_clear_errors(tiny_llama, data_files, tmp_path, capsys, which, rows, words):
+def test_unusable_outputs_and_a_missing_chat_template_are_found_before_loading(tiny_llama, data_files, tmp_path,
+                                                                                capsys, no_weights):
+    (tmp_path / "file").write_text("")
+    for out, words in ((f"{tmp_path}/file/x.json", "is a file"), (f"{tmp_path}/x.json/", "names a folder")):
+        with pytest.raises(SystemExit):
+            ll.main(cli(tiny_llama, data_files, out))
+        assert words in error_line(capsys)
+    (tmp_path / "taken.peft.json").write_text("{}")  # an export beside --out is someone's file too
+    with pytest.raises(SystemExit):
+        ll.main(cli(tiny_llama, data_files, tmp_path / "taken.json"))
+    assert "taken.peft.json already exists" in error_line(capsys)
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_llama, plain)
+    for name in os.listdir(plain):
+        if "chat_template" in name:
+            os.remove(plain / name)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        ll.main(cli(str(plain), data_files, tmp_path / "y.json", "--template", "chat"))
+    assert "--template chat" in error_line(capsys)
+
+
+@pytest.mark.parametrize("which,rows,words", [
+    ("normal", [], "no rows"), ("malicious", [{"prompt": "only one"}], "at least 4"),
+    ("normal", [{"prompt": "the same prompt"}] * 20, "1 distinct prompt(s) left"), ("over", [{"prompt": ""}], "empty"),
+])
+def test_bad_prompt_sets_are_clear_errors(tiny_llama, data_files, tmp_path, capsys, no_weights, which, rows, words):
     files = dict(data_files, **{which: write_jsonl(tmp_path / f"{which}.jsonl", rows)})
     with pytest.raises(SystemExit) as err:
         ll.main(cli(tiny_llama, files, tmp_path / "x.json"))
@@ -321,34 +489,57 @@ def test_bad_prompt_sets_are_clear_errors(tiny_llama, data_files, tmp_path, caps
     assert err.value.code == 2 and words in message and f"{which}.jsonl" in message
 
 
-def test_help_says_what_is_read(capsys):
+def test_duplicates_are_dropped_within_and_across_the_sets(tiny_llama, data_files, tmp_path, capsys):
+    normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": p} for p in NORMAL + NORMAL[:3] + MALICIOUS[:2]])
+    report = ll.main(cli(tiny_llama, dict(data_files, normal=normal), tmp_path / "x.json", "--skip-scaling",
+                         "--alpha", "1.2"))
+    assert "--alpha is now --scale" in capsys.readouterr().err  # the old spelling still runs, with a note
+    assert report["data"]["normal"]["rows"] == len(NORMAL) and report["data"]["malicious"]["rows"] == len(MALICIOUS) - 2
+    notes = " ".join(report["data"]["notes"])
+    assert "dropped 3 duplicate" in notes and "2 prompt(s) found in both" in notes
+
+
+def test_help_says_what_is_read_and_the_old_flag_still_works(tiny_llama, data_files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ll.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "forward hooks" in text and "raw" in text and "McNemar" in text and "--skip-scaling" in text
+    assert "plateau" in text and "--max-extra-passes" in text and "--alpha" not in text
+    args = ll.build_parser().parse_args(["--alpha", "0.8"])
+    assert args.alpha == 0.8 and args.scale == "auto"  # locate() moves it over to --scale, with a note
 
 
 def test_4bit_hook_equals_dequantized_scaled_weights(tmp_path):
+    """On 64-wide blocks (hidden 128, MLP 256, k/v 64: multiples of bitsandbytes' 4-bit block, which its CPU kernels
+    need on every x86 CPU). The 4-bit kernels compute x W^T from the packed weights in their own order and precision
+    (bf16 on CPUs with AVX-512 BF16/AMX), so a 4-bit model's logits differ from a float model holding the
+    dequantized weights by ~1e-3; the hook must add nothing to that: the scaled models differ no more than twice
+    what the unscaled ones do."""
     bnb = pytest.importorskip("bitsandbytes")
-    path = make_tiny_model("llama", tmp_path / "tiny", hidden=64)
+    path = make_tiny_model("llama", tmp_path / "tiny", hidden=128)
     try:
-        model, tokenizer = ll.load_model(path, load_in_4bit=True)
+        model, tokenizer, template = load(path, load_in_4bit=True)
     except Exception as e:  # no 4-bit backend on this machine
         pytest.skip(f"4-bit loading unavailable: {e}")
-    template = ll.resolve_template(tokenizer, "auto")
-    blocks = ll.decoder_layers(model)
+    blocks = safeft.decoder_layers(model)
     assert all(isinstance(m, bnb.nn.Linear4bit) for m in ll.projection_modules(blocks[1]))
-    packed = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    # Reference: a float copy holding the dequantized weights, scaled for real.
-    reference, _ = ll.load_model(path)
-    with torch.no_grad():
-        for quantized, plain in zip(blocks, ll.decoder_layers(reference)):
+    reference = safeft.load_model(path)  # a float copy holding the dequantized weights (read before any forward:
+    with torch.no_grad():                # on AVX-512 BF16 CPUs bitsandbytes repacks them in the first forwards)
+        for quantized, plain in zip(blocks, safeft.decoder_layers(reference)):
             for q, p in zip(ll.projection_modules(quantized), ll.projection_modules(plain)):
                 p.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(p.weight.dtype))
-        for block in ll.decoder_layers(reference)[1:3]:
+    logits_of(model, tokenizer, template)  # the repacking, done
+    unscaled = logits_of(model, tokenizer, template)
+    kernel_noise = float((unscaled - logits_of(reference, tokenizer, template)).abs().max())
+    with torch.no_grad():
+        for block in safeft.decoder_layers(reference)[1:3]:
             for module in ll.projection_modules(block):
-                module.weight.mul_(0.8)
-    with ll.scaled_projections(model, 1, 2, 0.8):
+                module.weight.mul_(0.5)
+    with ll.scaled_projections(model, 1, 2, 0.5):
         scaled = logits_of(model, tokenizer, template)
-    torch.testing.assert_close(scaled, logits_of(reference, tokenizer, template), atol=1e-4, rtol=1e-4)
-    assert all(torch.equal(packed[k], v) for k, v in model.state_dict().items() if k in packed)
+    tolerance = 2 * kernel_noise + 1e-5
+    assert float((scaled - logits_of(reference, tokenizer, template)).abs().max()) <= tolerance
+    assert float((scaled - unscaled).abs().max()) > 10 * tolerance  # the scaling shows above that noise
+    # No trace: the same logits as before, bit for bit. (Not compared through state_dict(): on those CPUs saving
+    # unpacks the repacked weights through a bf16 absmax, which changes the next forward's numerics by itself.)
+    torch.testing.assert_close(logits_of(model, tokenizer, template), unscaled, atol=0, rtol=0)
