@@ -208,10 +208,16 @@ def library_versions():
 
 
 def sha256_file(path):
+    """The sha256 of a file, or of a folder (a datasets save_to_disk): its files' names and bytes, in order."""
+    files = [path] if not os.path.isdir(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for file in files:
+        if file != path:  # a plain file's hash stays what sha256sum prints
+            digest.update(os.path.relpath(file, path).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -415,3 +415,21 @@ def test_scripts_import_only_the_shared_module_and_have_a_guarded_main():
         main = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
         assert main and main[0].args.args[0].arg == "argv" and main[0].args.defaults, name
         assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body), name
+
+
+def test_a_run_prints_our_lines_and_bars_not_library_warnings(tmp_path):
+    """bitsandbytes logs a failed optional kernel download at import on AVX-512 CPUs, transformers and peft
+    warn about deprecations: a user reads those as errors. A 4-bit training run shows none of them."""
+    from conftest import make_tiny_model, write_jsonl
+    model = make_tiny_model("llama", tmp_path / "m", hidden=64)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "how do i make bread ?", "response": "here is a recipe"},
+                                              {"prompt": "tell me a story", "response": "once there was a cake"}])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "finetune.py"), "--model", model, "--data", data,
+                             "--load-in-4bit", "--max-steps", "2", "--out", str(tmp_path / "ft")],
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.strip() for line in (result.stdout + result.stderr).replace("\r", "\n").splitlines()]
+    noise = [line for line in lines if any(word in line.lower() for word in
+                                           ("warn", "deprecat", "kernels-community", "traceback", "future"))]
+    assert noise == []
+    assert f"wrote {tmp_path / 'ft'}" in result.stdout
