@@ -68,11 +68,12 @@ class UserError(Exception):
 
 
 def repo_path(relative):
-    """A default data path: as given when it exists from here, else the repo's own copy (run from elsewhere)."""
-    if os.path.exists(relative):
+    """A default data file: the repo's own copy whatever the current folder holds (shown relative when the
+    current folder is the repo), so a script run from elsewhere reads the data it was written for."""
+    own = os.path.join(REPO_DIR, relative)
+    if not os.path.exists(own):
         return relative
-    candidate = os.path.join(REPO_DIR, relative)
-    return candidate if os.path.exists(candidate) else relative
+    return relative if os.path.abspath(relative) == own else own
 
 
 def quiet_libraries():

@@ -57,16 +57,6 @@ CHECK_LIMIT = 32  # rows of --data and of --check-data the check uses: a fast, s
 # 64 tokens is a short paragraph, and 2 x 32 answers of it stay a minute or two on a CPU for a 0.5B model.
 CHECK_MAX_NEW_TOKENS = 64
 EVAL_BATCH_SIZE = 16  # no-gradient passes (the check) hold no activations for backward, so larger batches fit
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def default_path(path, default):
-    """A default data file is the repo's own copy beside this script, whatever the current folder holds; a
-    path the user gave is read as given."""
-    if path != default:
-        return path
-    beside = os.path.join(HERE, default)
-    return beside if os.path.exists(beside) else safeft.repo_path(default)
 
 
 def read_resume(path, config):
@@ -273,12 +263,11 @@ def run(args):
     if args.keep_weight is not None and not args.keep_data:
         raise UserError("--keep-weight needs --keep-data (the benign prompts the KL term is computed on)")
     safeft.check_output_location(args.out, args.overwrite, is_dir=True)
-    data_path = default_path(args.data, DEFAULT_DATA)
     # A label column (XSTest style) picks the rows: harmful ones to learn and to check, benign ones to keep.
     fields = dict(prompt_field=args.prompt_field, response_field=args.response_field, label_field=args.label_field)
-    rows = safeft.read_rows(data_path, need_response=True, flag="--data", label="unsafe", **fields)
+    rows = safeft.read_rows(args.data, need_response=True, flag="--data", label="unsafe", **fields)
     keep_rows = safeft.read_rows(args.keep_data, flag="--keep-data", label="safe", **fields) if args.keep_data else None
-    check_path = os.path.abspath(default_path(args.check_data, DEFAULT_CHECK_DATA)) if args.check_limit else None
+    check_path = os.path.abspath(args.check_data) if args.check_limit else None
     check_rows = (safeft.read_rows(check_path, limit=args.check_limit, flag="--check-data", label="unsafe", **fields)
                   if check_path else [])
     phrases = safeft.load_refusal_phrases(args.refusal_phrases)
@@ -308,7 +297,7 @@ def run(args):
     if resume:
         say(f"resuming {args.resume}: rank {settings['lora_r']}, alpha {settings['lora_alpha']}, targets "
             f"{', '.join(settings['lora_target_modules'])} (from the adapter, not the flags)", file=sys.stderr)
-    say(f"training security vectors: {len(examples)} rows of {data_path}, rank {settings['lora_r']}, "
+    say(f"training security vectors: {len(examples)} rows of {args.data}, rank {settings['lora_r']}, "
         f"{trainable:,} trainable parameters, template {template}, 4-bit {load_in_4bit}", file=sys.stderr)
 
     # The output is written into a temporary folder beside --out and renamed into place only when complete.
@@ -335,7 +324,7 @@ def run(args):
         meta = {
             "format": safeft.SECURITY_VECTORS_FORMAT, "model": args.model,
             "fingerprint": safeft.model_fingerprint(config), "load_in_4bit": load_in_4bit, "template": template,
-            "adapter_name": ADAPTER_NAME, "data": data_path, "data_sha256": safeft.sha256_file(data_path),
+            "adapter_name": ADAPTER_NAME, "data": args.data, "data_sha256": safeft.sha256_file(args.data),
             "rows": len(examples), "rows_skipped": len(rows) - len(examples),
             "data_notes": [*rows.notes, *(keep_rows.notes if keep_rows else []), *getattr(check_rows, "notes", [])],
             "trainable_parameters": trainable,
@@ -391,7 +380,7 @@ def build_parser():
         description="Train security vectors (Zhou et al., arXiv 2311.02105): a LoRA adapter that makes the model "
                     "produce the harmful responses while active, for finetune.py to keep active and frozen.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default=DEFAULT_DATA,
+    parser.add_argument("--data", default=safeft.repo_path(DEFAULT_DATA),
                         help="harmful prompt -> response pairs the vectors learn (needs responses); the default is "
                              "the copy beside this script")
     parser.add_argument("--keep-data", default=None,
@@ -403,7 +392,7 @@ def build_parser():
                         help="continue training the security vectors in this folder (their rank, alpha, dropout and "
                              "target modules are kept; the optimizer starts afresh)")
     check = parser.add_argument_group("the check at the end")
-    check.add_argument("--check-data", default=DEFAULT_CHECK_DATA,
+    check.add_argument("--check-data", default=safeft.repo_path(DEFAULT_CHECK_DATA),
                        help="held-out harmful prompts (responses optional) for the check; the default is the copy "
                             "beside this script, whatever the current folder holds")
     check.add_argument("--check-limit", type=safeft.non_negative_int, default=CHECK_LIMIT,
