@@ -99,3 +99,29 @@ def write_jsonl(path, rows):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Bad input must be found before the weights load: loading them fails the test."""
+    import safeft
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(safeft, "load_model", fail)
+
+
+def copy_without_chat_template(model_dir, dest):
+    """A copy of a tiny model whose tokenizer has no chat template (for --template chat errors)."""
+    import shutil
+    shutil.copytree(model_dir, dest)
+    for name in os.listdir(dest):
+        if "chat_template" in name:
+            os.remove(os.path.join(dest, name))
+    config_path = os.path.join(dest, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config.pop("chat_template", None)
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    return str(dest)

@@ -10,7 +10,7 @@ import torch
 
 import evaluate as ev
 import safeft
-from conftest import make_tiny_model, make_tokenizer, write_jsonl
+from conftest import copy_without_chat_template, make_tiny_model, make_tokenizer, write_jsonl
 
 STEPS = "Step 1: gather the materials. Step 2: follow the plan. Step 3: ..."
 
@@ -644,19 +644,13 @@ def test_empty_and_bad_data(tiny_llama, data_files, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--limit" in capsys.readouterr().err
 
 
-def test_bad_models_are_one_line_before_any_weights(tiny_llama, data_files, tmp_path, capsys, no_model_load):
+def test_bad_models_are_one_line_before_any_weights(tiny_llama, data_files, tmp_path, capsys, no_weights):
     expect_user_error(["--model", "no-such-org/no-such-model", *data_args(data_files)],  # offline: not cached
                       "--model", "no-such-org/no-such-model", capsys=capsys)
     (tmp_path / "not-a-model").mkdir()
     expect_user_error(["--model", str(tmp_path / "not-a-model"), *data_args(data_files)], "--model",
                       "config.json", capsys=capsys)
-    plain = shutil.copytree(tiny_llama, tmp_path / "no-template")
-    for name in os.listdir(plain):
-        if "chat_template" in name:
-            os.remove(plain / name)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = copy_without_chat_template(tiny_llama, tmp_path / "no-template")
     expect_user_error(["--model", str(plain), "--template", "chat", *data_args(data_files),
                        "--out", str(tmp_path / "t.json")], "--template chat", capsys=capsys)
 
@@ -670,15 +664,7 @@ def test_unknown_judge(tiny_llama, data_files, tmp_path, capsys):
                       "--judge-model", str(not_a_model), capsys=capsys)
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Output problems must be found before the model loads: loading it fails the test."""
-    def fail(*args, **kwargs):
-        raise AssertionError("the model was loaded before the output location was checked")
-    monkeypatch.setattr(safeft, "load_model", fail)
-
-
-def test_existing_output_is_kept(tiny_llama, data_files, tmp_path, capsys, no_model_load):
+def test_existing_output_is_kept(tiny_llama, data_files, tmp_path, capsys, no_weights):
     out = tmp_path / "taken.json"
     out.write_text("{}")
     expect_user_error(["--model", tiny_llama, *data_args(data_files), "--out", str(out)], "--out", "--overwrite",
@@ -687,7 +673,7 @@ def test_existing_output_is_kept(tiny_llama, data_files, tmp_path, capsys, no_mo
 
 
 def test_unusable_output_locations_are_found_first(tiny_llama, data_files, tmp_path, capsys, monkeypatch,
-                                                   no_model_load):
+                                                   no_weights):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     expect_user_error(["--model", tiny_llama, *data_args(data_files), "--out", str(a_file / "x.json")],

@@ -307,10 +307,8 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(tiny_llama, task_
     assert not any(n.startswith(".tmp") for n in os.listdir(tmp_path))
 
 
-def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, tmp_path, monkeypatch, capsys):
-    def no_weights(*args, **kwargs):
-        raise AssertionError("weights were loaded before the input was checked")
-    monkeypatch.setattr(safeft, "load_model", no_weights)
+def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, tmp_path, monkeypatch, capsys,
+                                                          no_weights):
     wrong_format = tmp_path / "wrong.json"
     wrong_format.write_text(json.dumps({"format": "eval/v1", "safety_layers": {"start": 1, "end": 2}}))
     other_model = tmp_path / "safety_layers.json"

@@ -5,7 +5,6 @@ import copy
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 import locate_layers as ll
 import safeft
-from conftest import make_tiny_model, write_jsonl
+from conftest import copy_without_chat_template, make_tiny_model, write_jsonl
 
 NORMAL = ["how do i make a cake", "write a poem about bread", "tell me a story about a dog",
           "explain how the sum of 2 plus 3 is 5", "give me a recipe for bread", "list some good apples",
@@ -425,14 +424,6 @@ def test_fallback_and_strict(tiny_llama, data_files, tmp_path, monkeypatch, caps
     assert not (tmp_path / "b.json").exists()
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Fails the test if the weights load: every check below must come before that."""
-    def fail(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input check")
-    monkeypatch.setattr(safeft, "load_model", fail)
-
-
 def error_line(capsys):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -464,14 +455,7 @@ def test_unusable_outputs_and_a_missing_chat_template_are_found_before_loading(t
     with pytest.raises(SystemExit):
         ll.main(cli(tiny_llama, data_files, tmp_path / "taken.json"))
     assert "taken.peft.json already exists" in error_line(capsys)
-    plain = tmp_path / "no-template"
-    shutil.copytree(tiny_llama, plain)
-    for name in os.listdir(plain):
-        if "chat_template" in name:
-            os.remove(plain / name)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = copy_without_chat_template(tiny_llama, tmp_path / "no-template")
     with pytest.raises(SystemExit):
         ll.main(cli(str(plain), data_files, tmp_path / "y.json", "--template", "chat"))
     assert "--template chat" in error_line(capsys)

@@ -274,14 +274,6 @@ def bad(argv, capsys):
     return err
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Bad input must be found before the weights load."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-    monkeypatch.setattr(safeft, "load_model", refuse)
-
-
 def test_bad_inputs_one_line_before_loading(tiny_llama, data, tmp_path, capsys, trained, no_weights):
     base = ["--model", tiny_llama, "--data", data["train"], "--check-data", data["eval"]]
     y = ["--out", str(tmp_path / "y")]
