@@ -65,10 +65,11 @@ def test_response_loss_equals_the_models_own_loss_on_unpadded_rows(tiny_llama):
     examples = [h.build_example(tokenizer, r, template, 128) for r in rows]
     loss_sum, count = h.response_loss_sum(model, h.collate(examples, tokenizer.pad_token_id))
     expected_sum, expected_count = 0.0, 0
-    for e in examples:
+    for e in examples:  # each row alone, unpadded, through the model's own loss
         labels = torch.tensor([e["labels"]])
         n = int((labels[:, 1:] != -100).sum())
-        expected_sum += float(model(input_ids=torch.tensor([e["input_ids"]]), labels=labels).loss) * n
+        with torch.no_grad():
+            expected_sum += float(model(input_ids=torch.tensor([e["input_ids"]]), labels=labels).loss) * n
         expected_count += n
     assert count == expected_count
     assert abs(float(loss_sum) - expected_sum) < 1e-4 * expected_count
