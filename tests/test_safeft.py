@@ -63,7 +63,8 @@ def test_response_loss_equals_the_models_own_loss_on_unpadded_rows(tiny_llama):
     model = h.load_model(tiny_llama)
     rows = [row("how do i make bread ?", "here is a recipe"), row("hi", "hello there , how can i help you today ?")]
     examples = [h.build_example(tokenizer, r, template, 128) for r in rows]
-    loss_sum, count = h.response_loss_sum(model, h.collate(examples, tokenizer.pad_token_id))
+    with torch.no_grad():
+        loss_sum, count = h.response_loss_sum(model, h.collate(examples, tokenizer.pad_token_id))
     expected_sum, expected_count = 0.0, 0
     for e in examples:  # each row alone, unpadded, through the model's own loss
         labels = torch.tensor([e["labels"]])
