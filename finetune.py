@@ -170,10 +170,8 @@ def attach_adapters(model, args, targets, frozen, vectors):
         p.requires_grad_(f".{SV_ADAPTER}." not in name)
     layers = safeft.decoder_layers(model)
     for i in frozen:
-        norms = {id(p) for m in layers[i].modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
-        for p in layers[i].parameters():
-            if id(p) not in norms:
-                p.requires_grad_(False)
+        for _, p in safeft.sppft_frozen_weights(layers[i]):
+            p.requires_grad_(False)
     return model
 
 

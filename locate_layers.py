@@ -28,7 +28,6 @@ for other trainers: <stem>.peft.json (LoraConfig(**json): LoRA on every layer bu
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
@@ -92,7 +91,7 @@ def length_sorted_batches(id_lists, batch_size):
 
 def last_logits_only(model):
     """Only the last position's logits: the LM head over every position is wasted work here."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if safeft.accepts_logits_to_keep(model) else {}
 
 
 @torch.no_grad()
@@ -500,9 +499,8 @@ def freeze_exports(model, safety, about):
     path = next(name for name, module in model.named_modules() if module is blocks)  # e.g. model.layers
     safe = list(range(safety[0], safety[1] + 1))
     others = [i for i in range(len(blocks)) if i not in safe]
-    norms = {id(p) for m in blocks[safe[0]].modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
     inside = [name for name, _ in blocks[safe[0]].named_parameters()]
-    frozen_inside = [name for name, p in blocks[safe[0]].named_parameters() if id(p) not in norms]
+    frozen_inside = [name for name, _ in safeft.sppft_frozen_weights(blocks[safe[0]])]
     # Whole submodules where all their parameters freeze (self_attn., mlp.), single names otherwise.
     parts = [c + "." for c in sorted({n.split(".")[0] for n in frozen_inside})
              if all(n in frozen_inside for n in inside if n.startswith(c + "."))]

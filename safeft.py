@@ -800,6 +800,13 @@ def decoder_layers(model):
             raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def sppft_frozen_weights(block):
+    """(name, parameter) of a decoder block that SPPFT freezes: its attention and MLP weights; its norms still
+    train, as in the paper (Li et al. 2025). finetune.py --method full and locate_layers' exports use this rule."""
+    norms = {id(p) for m in block.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
+    return [(name, p) for name, p in block.named_parameters() if id(p) not in norms]
+
+
 def projection_names(model):
     """Leaf names of the linear projections in a decoder block (q_proj ... down_proj on Llama/Qwen), in order.
     bitsandbytes' Linear4bit subclasses nn.Linear; GPT-2 style models use transformers' Conv1D."""
@@ -1046,7 +1053,8 @@ def lora_config(args, target_modules, layers_to_transform=None):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def _accepts_logits_to_keep(model):
+def accepts_logits_to_keep(model):
+    """Whether the causal LM (under any PEFT/DDP wrappers) can run its head on a few positions only."""
     import inspect
     inner = model
     while hasattr(inner, "module") or hasattr(inner, "get_base_model"):
@@ -1068,7 +1076,7 @@ def response_loss_sum(model, batch):
         return zero, 0
     first = int(labelled[0])  # logits at position p predict token p + 1
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         logits = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - first).logits[:, :-1]
     else:
         logits = model(**inputs, use_cache=False).logits[:, first:-1]
