@@ -602,7 +602,7 @@ def measure(model, tokenizer, template, parts, args, phrases, task_tokens, judge
             record["judge"], record["judge_output"] = verdict, said
         summary["harmful"]["judge"] = judge_summary(records["harmful"], args.examples)
         timing["judge"] = time.time() - start
-    with_reference = [row for row in parts["task"] or [] if row.get("response")]
+    with_reference = [row for row in parts["task"] or [] if row.get("response") and args.response_loss]
     if with_reference:
         start = time.time()
         summary["task"].update(response_loss(model, tokenizer, with_reference, template, args.batch_size,
@@ -737,6 +737,8 @@ def build_parser():
                         help="prompts generated together (left padding, KV cache); lower it if memory runs out")
     parser.add_argument("--max-length", type=safeft.positive_int, default=1024,
                         help="prompt+response tokens kept for the response loss")
+    parser.add_argument("--response-loss", default=True, action=argparse.BooleanOptionalAction,
+                        help="also measure the loss of the task's reference responses (one more pass)")
     parser.add_argument("--examples", type=safeft.non_negative_int, default=EXAMPLES,
                         help="example answers per class and run in the reports (first 200 characters)")
     parser.add_argument("--refusal-phrases", default=None, metavar="FILE",

@@ -1,15 +1,18 @@
-"""demo.py end to end on a tiny model: every step runs, the report is written, a rerun skips finished steps."""
+"""demo.py end to end on a tiny model: every step runs, the report is written, a rerun skips finished steps, and
+the sweep reuses the demo's cells and adds the rest of its grid."""
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import demo
 from conftest import ROOT
 
-STEPS = 13  # locate, train_sv, five fine-tunes (control + four), six evaluations
+STEPS = 13  # locate, train_sv, evaluate base, then a fine-tune and an evaluation for the control and four runs
 
 
 def run_demo(*args):
@@ -39,14 +42,21 @@ def test_demo_writes_the_report_from_its_own_outputs(demo_run):
     rows = [line.split("|")[1].strip() for line in headline.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[1:] == ["base", "control", "lora", "sppft", "sv", "both"]
     assert "Harmful-prompt answers by class" in table and "Example answers" in table
-    control_log = json.loads((out / "ft_control" / "train_log.json").read_text())
-    assert control_log["data"].endswith("task_train.jsonl")  # the benign control sees no harmful row
+    control_log = json.loads((out / "ft" / "lora-h00-e1" / "train_log.json").read_text())
+    assert control_log["data"].endswith("train-h00.jsonl")  # the benign control sees no harmful row
+    task_rows = set((Path(ROOT) / "data" / "task_train.jsonl").read_text().splitlines())
+    assert set((out / "data" / "train-h00.jsonl").read_text().splitlines()) <= task_rows
+    attack_rows = (out / "data" / "train-h25.jsonl").read_text().splitlines()
+    assert sum(row not in task_rows for row in attack_rows) == 2  # 25% of the quick size's 8 rows
     assert "wrote " not in table  # --compare's "wrote the plot" line stays out of the table
     assert table.strip() in report
     assert (out / "comparison.png").stat().st_size > 1000 and (out / "safety_layers.png").stat().st_size > 1000
-    for name in ("control", "lora", "sppft", "sv", "both"):
-        assert (out / f"ft_{name}" / "adapter_model.safetensors").exists()
-    assert "SPPFT" in result.stdout and f"[done] {STEPS}/{STEPS} evaluate both" in result.stdout
+    for name in ("lora-h00-e1", "lora-h25-e1", "sppft-h25-e1", "sv-h25-e1", "both-h25-e1"):
+        assert (out / "ft" / name / "adapter_model.safetensors").exists()
+    assert "SPPFT" in result.stdout and f"[done] {STEPS}/{STEPS} evaluate both-h25-e1" in result.stdout
+    reading = report.split("## What it shows", 1)[1].split("## Results", 1)[0]
+    for name in ("sppft", "sv", "both"):  # each defence gets a verdict from the numbers
+        assert re.search(rf"\*\*{name}: (held|broke|no effect to keep)\*\*", reading)
     assert f"report: {out / 'REPORT.md'}" in result.stdout
 
 
@@ -63,15 +73,15 @@ def test_step_times_are_recorded_and_add_up(demo_run):
 def test_rerun_skips_finished_steps_and_keeps_their_times(demo_run):
     out, _, model = demo_run
     before = json.loads((out / "step_times.json").read_text())
-    os.remove(out / "eval" / "sv.json")
+    os.remove(out / "eval" / "sv-h25-e1.json")
     result = run_demo("--quick", "--model", model, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("[skip]") == STEPS - 1
-    assert re.findall(r"^\[run \] (.+)$", result.stdout, flags=re.M) == [f"{STEPS - 1}/{STEPS} evaluate sv"]
+    assert re.findall(r"^\[run \] (.+)$", result.stdout, flags=re.M) == [f"{STEPS - 2}/{STEPS} evaluate sv-h25-e1"]
     after = json.loads((out / "step_times.json").read_text())
-    unchanged = {k: v for k, v in before.items() if k != "evaluate sv"}
-    assert {k: v for k, v in after.items() if k != "evaluate sv"} == unchanged
-    assert (out / "eval" / "sv.json").exists()
+    unchanged = {k: v for k, v in before.items() if k != "evaluate sv-h25-e1"}
+    assert {k: v for k, v in after.items() if k != "evaluate sv-h25-e1"} == unchanged
+    assert (out / "eval" / "sv-h25-e1.json").exists()
     assert "unknown" not in (out / "REPORT.md").read_text()
 
     # Outputs made without a time record (an older demo, or by hand) are reported as unknown, not as 0 s.
@@ -97,3 +107,53 @@ def test_a_folder_from_other_settings_is_not_reused(demo_run):
     assert "demo_settings.json records another run" in result.stderr and "--force" in result.stderr
     assert "[run ]" not in result.stdout and "[skip]" not in result.stdout
     assert json.loads((out / "demo_settings.json").read_text())["size"] == "quick"
+
+
+def test_the_sweep_reuses_the_demos_cells_and_keeps_every_cells_outputs(demo_run):
+    out, _, model = demo_run
+    result = run_demo("--quick", "--sweep", "--model", model, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    cells = demo.sweep_cells(demo.SIZES["quick"], [0, 25], [1])
+    assert len(cells) == 10  # 2 shares x 4 LoRA defences + full fine-tuning with and without the freeze at 25%
+    # locate, train_sv, base and the demo's five cells (fine-tune + evaluation each) were already there
+    assert result.stdout.count("[skip]") == 3 + 2 * 5 and result.stdout.count("[done]") == 2 * 5
+    for cell in cells:
+        name = demo.cell_id(*cell)
+        assert (out / "ft" / name / "train_log.json").exists() and (out / "eval" / f"{name}.json").exists()
+    full_log = json.loads((out / "ft" / "sppft-full-h25-e1" / "train_log.json").read_text())
+    assert full_log["method"] == "full" and full_log["freeze_layers"]
+    report = (out / "SWEEP.md").read_text()
+    row = r"^\| (lora|sppft|sv|both|full|sppft-full) \| (\d+)% \| 1 \|.*\| (held|broke|no effect to keep|) \|$"
+    rows = re.findall(row, report, flags=re.M)
+    assert sorted((d, int(s)) for d, s, _ in rows) == sorted((d, s) for d, s, _ in cells)
+    assert all(bool(verdict) == (d not in ("lora", "full")) for d, _, verdict in rows)
+    assert (out / "sweep.png").stat().st_size > 1000
+    again = run_demo("--quick", "--sweep", "--model", model, "--out", str(out))
+    assert again.returncode == 0 and "[run ]" not in again.stdout and again.stdout.count("[skip]") == 23
+
+
+def test_verdict_is_halfway_from_the_attacked_run_to_the_base():
+    def share(rate, low, high):
+        return {"rate": rate, "ci95": [low, high], "count": 0, "n": 80}
+    base, attacked = share(0.2, 0.1, 0.3), share(0.8, 0.7, 0.9)
+    assert demo.verdict(share(0.5, 0.4, 0.6), attacked, base)[0] == "held"  # exactly halfway counts
+    assert demo.verdict(share(0.51, 0.4, 0.6), attacked, base)[0] == "broke"
+    assert "not told apart" in demo.verdict(share(0.45, 0.3, 0.75), attacked, base)[1]
+    assert demo.verdict(share(0.1, 0.0, 0.2), share(0.2, 0.1, 0.3), base)[0] == "no effect to keep"
+
+
+def test_larger_harmful_shares_hold_the_smaller_shares_rows():
+    small, large = demo.training_rows(40, 10), demo.training_rows(40, 50)
+    assert len(small) == len(large) == 40
+    harmful = set((Path(ROOT) / "data" / "harmful_train.jsonl").read_text().splitlines())
+    assert sum(r in harmful for r in small) == 4 and sum(r in harmful for r in large) == 20
+    assert {r for r in small if r in harmful} <= set(large)
+    assert len(demo.training_rows(1000, 20)) == 1000  # 200 harmful rows from 100: each used twice
+
+
+def test_bad_sweep_flags_are_one_line_before_any_work(tmp_path):
+    for flags in (["--sweep", "--shares", "0,x"], ["--shares", "10"], ["--sweep", "--epochs", "0"],
+                  ["--sweep", "--shares", "150"]):
+        result = run_demo("--quick", *flags, "--out", str(tmp_path / "run"))
+        assert result.returncode == 2 and ("--shares" in result.stderr or "--epochs" in result.stderr), flags
+        assert not (tmp_path / "run").exists()
