@@ -123,7 +123,8 @@ def test_the_sweep_reuses_the_demos_cells_and_keeps_every_cells_outputs(demo_run
     full_log = json.loads((out / "ft" / "sppft-full-h25-e1" / "train_log.json").read_text())
     assert full_log["method"] == "full" and full_log["freeze_layers"]
     report = (out / "SWEEP.md").read_text()
-    row = r"^\| (lora|sppft|sv|both|full|sppft-full) \| (\d+)% \| 1 \|.*\| (held|broke|no effect to keep|) \|$"
+    held = r"(?:held|broke|no effect to keep)"
+    row = rf"^\| (lora|sppft|sv|both|full|sppft-full) \| (\d+)% \| 1 \|.*\| ({held} / {held}|) \|$"
     rows = re.findall(row, report, flags=re.M)
     assert sorted((d, int(s)) for d, s, _ in rows) == sorted((d, s) for d, s, _ in cells)
     assert all(bool(verdict) == (d not in ("lora", "full")) for d, _, verdict in rows)
