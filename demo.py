@@ -14,7 +14,7 @@ Everything lands under --out; the sweep reuses the demo's cells, and a step whos
 so an interrupted run picks up where it stopped (--force reruns every step). Step times go to step_times.json.
 
     python demo.py                   # aligned qwen-coder-0.5b, 2-core CPU: about 40 minutes
-    python demo.py --sweep           # the attack-strength grid on the same model (CPU: about an hour more)
+    python demo.py --sweep           # the attack-strength grid on the same model (CPU: about 70 minutes more)
     python demo.py --quick           # a few-minute smoke run on SmolLM2-135M
     python demo.py --size lab        # SmolLM2-135M, the fast teaching-lab variant (not aligned: nothing to keep)
     python demo.py --size gpu --sweep --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit   # the papers' scale
