@@ -124,6 +124,10 @@ def sweep_cells(size, shares, epochs):
     return cells
 
 
+def training_file(out, share):
+    return os.path.join(out, "data", f"train-h{share:02d}.jsonl")
+
+
 def training_rows(rows, share):
     """The first rows*(1 - share) task rows and the first rows*share harmful rows (cycled if there are fewer):
     cells of one size differ only in the harmful share, and a larger share holds every smaller share's rows."""
@@ -268,7 +272,7 @@ def main(argv=None):
 
     # 0. Each harmful share's training rows, made (and checked) before any long step.
     for share in sorted({c[1] for c in cells}):
-        data = os.path.join(out, "data", f"train-h{share:02d}.jsonl")
+        data = training_file(out, share)
         if not os.path.exists(data):
             write_text_atomic(data, "\n".join(training_rows(size["rows"], share)) + "\n")
     # 1. The safety layers and the security vectors, once for every cell.
@@ -284,7 +288,7 @@ def main(argv=None):
     for cell in cells:
         defence, share, epochs = cell
         name = cell_id(*cell)
-        data = os.path.join(out, "data", f"train-h{share:02d}.jsonl")
+        data = training_file(out, share)
         run_dir = os.path.join(out, "ft", name)
         flags = [f.format(**paths) for f in DEFENCES[defence][0]]
         full = "--method" in flags
@@ -318,13 +322,16 @@ def command_line(args):
         f" --epochs {args.epochs}" if args.epochs else "")
 
 
-def step_time_lines(times):
+def run_lines(args, times):
+    """(the report's "Run on ..." sentence, the step-time table): both reports open and close with them."""
     known = [t for t in times.values() if t is not None]
     total = f"{sum(known) / 60:.1f} minutes of step time" + ("" if len(known) == len(times) else
                                                             " (some steps' times are unknown, see below)")
+    header = (f"Run on {datetime.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPU cores), model "
+              f"`{args.model or 'default'}`, size `{args.size}`, {total}. Command: `{command_line(args)}`.")
     table = ["| step | seconds |", "|---|---|"] + [
         f"| {k} | {'unknown (outputs were already there)' if v is None else f'{v:.0f}'} |" for k, v in times.items()]
-    return total, table
+    return header, table
 
 
 def demo_report(args, size, out, paths, eval_paths, times):
@@ -338,11 +345,9 @@ def demo_report(args, size, out, paths, eval_paths, times):
     table_text = "\n".join(line for line in table.stdout.splitlines() if not line.startswith("wrote ")) + "\n"
     write_text_atomic(os.path.join(out, "comparison.md"), table_text)
     runs = dict(zip(["base", "control", "lora", "sppft", "sv", "both"], [load_json(p) for p in eval_paths]))
-    total, step_table = step_time_lines(times)
+    header, step_table = run_lines(args, times)
     lines = [
-        "# Demo report", "",
-        f"Run on {datetime.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPU cores), model "
-        f"`{args.model or 'default'}`, size `{args.size}`, {total}. Command: `{command_line(args)}`.", "",
+        "# Demo report", "", header, "",
         f"Every fine-tune: {size['rows']} rows, {size['epochs']} epoch(s), LoRA lr {size['lr']}; the control's rows "
         f"are all task rows, the others' are {size['share']}% harmful (request + compliant opening).", "",
         "## What it shows", "", *plain_reading(runs), "",
@@ -411,11 +416,9 @@ def sweep_report(args, size, out, cells, evals, times):
                         f"against {UNDEFENDED[defence]}: over-refusal {over:+.2f}, task accuracy {task:+.2f}.")
     plot = os.path.join(out, "sweep.png")
     plot_sweep(cells, results, base, plot)
-    total, step_table = step_time_lines(times)
+    header, step_table = run_lines(args, times)
     lines = [
-        "# Attack-strength sweep", "",
-        f"Run on {datetime.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPU cores), model "
-        f"`{args.model or 'default'}`, size `{args.size}`, {total}. Command: `{command_line(args)}`.", "",
+        "# Attack-strength sweep", "", header, "",
         f"Each cell fine-tunes {size['rows']} rows of which the given share is harmful (0% = benign control), "
         f"LoRA at lr {size['lr']}, full fine-tuning at finetune.py's default; each rate is count/n with a 95% "
         f"Wilson interval. Base model: harmful {fmt(base['harmful'])}, any compliance {fmt(base['compliance'])}, "
