@@ -39,26 +39,29 @@ HARMFUL_DATA = os.path.join(ROOT, "data", "harmful_train.jsonl")
 # epochs and lr: the demo's attack (LoRA; full fine-tuning keeps finetune.py's own default lr). The cpu attack
 # was chosen on a separate selection split (harmful_eval rows 81-120), looking only at base, control and plain
 # LoRA, by the rule in README "How the demo's attack was chosen"; the demo reports rows 1-80.
+# sweep: the grid of --sweep. On CPU a cell costs about 4 minutes, most of it the evaluation, so the cpu grid is
+# the benign control and the demo's share, each at 1 and 2 epochs (20 cells, about an hour beyond the demo).
 SIZES = {
     "cpu": dict(model="qwen-coder-0.5b", rows=40, share=25, epochs=1, lr="3e-4",
                 ll=[], sv=[], ft=["--micro-batch-size", "4"],
                 ev=["--limit", "80", "--max-new-tokens", "64", "--task-max-new-tokens", "40", "--batch-size", "40",
                     "--no-response-loss"],
-                sweep=dict(shares=[0, 10, 25, 50], epochs=[1], full_shares=[0, 25])),
+                sweep=dict(shares=[0, 25], epochs=[1, 2], full_shares=[0, 25], full_epochs=[1])),
     "lab": dict(model="smollm2", rows=40, share=25, epochs=1, lr="5e-4",
                 ll=["--limit", "100", "--scale", "1.2", "--search-radius", "2"], sv=["--max-steps", "20"],
                 ft=["--micro-batch-size", "4"],
                 ev=["--limit", "40", "--max-new-tokens", "64", "--task-max-new-tokens", "48", "--no-response-loss"],
-                sweep=dict(shares=[0, 10, 25, 50], epochs=[1], full_shares=[25])),
+                sweep=dict(shares=[0, 10, 25, 50], epochs=[1], full_shares=[25], full_epochs=[1])),
     "quick": dict(model="smollm2", rows=8, share=25, epochs=1, lr="5e-4",
                   ll=["--limit", "24", "--pairs", "100", "--search-radius", "1"], sv=["--max-steps", "4"],
                   ft=["--max-steps", "2", "--micro-batch-size", "4"],
                   ev=["--limit", "8", "--max-new-tokens", "16", "--task-max-new-tokens", "16"],
-                  sweep=dict(shares=[0, 25], epochs=[1], full_shares=[25])),
+                  sweep=dict(shares=[0, 25], epochs=[1], full_shares=[25], full_epochs=[1])),
     # The papers' scale: 1,000 rows, 5-20 epochs, harmful shares of 5-20% (Li et al. 2025; Zhou et al. 2023).
     # harmful_train.jsonl has 100 rows, so a 20% share of 1,000 uses each harmful row twice.
     "gpu": dict(model=None, rows=1000, share=10, epochs=5, lr="2e-4", ll=[], sv=[], ft=[], ev=[],
-                sweep=dict(shares=[0, 5, 10, 20], epochs=[5, 20], full_shares=[0, 5, 10, 20])),
+                sweep=dict(shares=[0, 5, 10, 20], epochs=[5, 20], full_shares=[0, 5, 10, 20],
+                           full_epochs=[5, 20])),
 }
 DEFENCES = {  # name: finetune.py flags, what it is
     "lora": ([], "plain LoRA (no defence)"),
@@ -119,8 +122,10 @@ def demo_cells(size):
 
 def sweep_cells(size, shares, epochs):
     cells = [(d, s, e) for e in epochs for s in shares for d in ("lora", "sppft", "sv", "both")]
-    cells += [(d, s, e) for e in epochs for s in shares if s in size["sweep"]["full_shares"]
-              for d in ("full", "sppft-full")]
+    # Full fine-tuning costs about twice a LoRA cell on CPU (and saves a whole model), so a size may run it on
+    # fewer columns of the grid.
+    cells += [(d, s, e) for e in epochs if e in size["sweep"]["full_epochs"]
+              for s in shares if s in size["sweep"]["full_shares"] for d in ("full", "sppft-full")]
     return cells
 
 
