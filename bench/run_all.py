@@ -1,7 +1,7 @@
 """Runs every benchmark in bench/ and prints one table: figure, ours, baseline, ratio.
 
 Each bench_<script>.py measures its baseline in the same run on the same machine.
-    python bench/run_all.py            # full figures (about 20-30 minutes on a 2-core CPU)
+    python bench/run_all.py            # full figures (about 6 minutes on an idle 2-core CPU)
     python bench/run_all.py --quick    # smaller sizes, same comparisons
 """
 import argparse

@@ -152,6 +152,14 @@ def test_larger_harmful_shares_hold_the_smaller_shares_rows():
     assert len(demo.training_rows(1000, 20)) == 1000  # 200 harmful rows from 100: each used twice
 
 
+def test_the_cpu_grid_runs_full_fine_tuning_only_on_its_chosen_columns():
+    cells = demo.sweep_cells(demo.SIZES["cpu"], [0, 25], [1, 2])
+    full = [c for c in cells if "full" in c[0]]
+    assert sorted(full) == [("full", 25, 1), ("sppft-full", 25, 1)]
+    assert len(cells) - len(full) == 2 * 2 * 4  # every LoRA defence at every share and epoch count
+    assert len(set(cells)) == len(cells)
+
+
 def test_bad_sweep_flags_are_one_line_before_any_work(tmp_path):
     for flags in (["--sweep", "--shares", "0,x"], ["--shares", "10"], ["--sweep", "--epochs", "0"],
                   ["--sweep", "--shares", "150"]):
