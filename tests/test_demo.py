@@ -131,6 +131,11 @@ def test_the_sweep_reuses_the_demos_cells_and_keeps_every_cells_outputs(demo_run
     assert (out / "sweep.png").stat().st_size > 1000
     again = run_demo("--quick", "--sweep", "--model", model, "--out", str(out))
     assert again.returncode == 0 and "[run ]" not in again.stdout and again.stdout.count("[skip]") == 23
+    # step_times.json now holds every cell's step; a report on a smaller grid times only that grid's steps.
+    smaller = run_demo("--quick", "--sweep", "--shares", "25", "--model", model, "--out", str(out))
+    assert smaller.returncode == 0 and "[run ]" not in smaller.stdout
+    assert len(step_rows((out / "SWEEP.md").read_text())) == 3 + 2 * 6  # 4 LoRA defences + the full pair at 25%
+    assert len(json.loads((out / "step_times.json").read_text())) == 23
 
 
 def test_verdict_is_halfway_from_the_attacked_run_to_the_base():
