@@ -52,18 +52,36 @@ HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lr", "lr_schedule", 
 
 # -- checks that need no weights --
 
-def read_freeze(spec, num_layers):
-    """--freeze-layers -> (what it said, the 0-based layer indices to freeze); checked against the config."""
+def read_freeze(spec, num_layers, flag="--freeze-layers"):
+    """--freeze-layers, a range like 6-12 or a safety_layers.json from locate_layers.py -> (what it said, the
+    0-based layer indices to freeze); checked against the config."""
     if not spec:
         return None, []
-    freeze = safeft.read_safety_layers(spec, "--freeze-layers")
-    if freeze["num_layers"] not in (None, num_layers):
-        raise UserError(f"--freeze-layers: {spec} was made for a model with {freeze['num_layers']} layers "
-                        f"(model {freeze.get('model')!r}); this model has {num_layers}")
-    safeft.check_layers_within(freeze["start"], freeze["end"], num_layers, "--freeze-layers")
+    if os.path.isfile(spec):
+        data = safeft.read_json_file(spec, flag)
+        if not isinstance(data, dict) or data.get("format") != safeft.SAFETY_LAYERS_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise UserError(f"{flag}: {spec} is not a safety_layers.json (format {found!r}, expected "
+                            f"{safeft.SAFETY_LAYERS_FORMAT!r} as locate_layers.py writes)")
+        layers = data.get("safety_layers")
+        if not (isinstance(layers, dict) and all(type(layers.get(k)) is int for k in ("start", "end"))):
+            raise UserError(f"{flag}: {spec} has no integer safety_layers.start/end")
+        if type(data.get("num_layers")) is not int or not 0 <= layers["start"] <= layers["end"]:
+            raise UserError(f"{flag}: {spec} has no valid num_layers and layer range")
+        freeze = {"start": layers["start"], "end": layers["end"], "source": spec, "num_layers": data["num_layers"],
+                  "model": data.get("model")}
+        if freeze["num_layers"] != num_layers:
+            raise UserError(f"{flag}: {spec} was made for a model with {freeze['num_layers']} layers "
+                            f"(model {freeze['model']!r}); this model has {num_layers}")
+    elif any(c.isdigit() for c in spec) and not spec.endswith(".json"):
+        start, end = safeft.parse_layer_range(spec, flag)
+        freeze = {"start": start, "end": end, "source": "range", "num_layers": None}
+    else:
+        raise UserError(f"{flag}: '{spec}' is neither a range like 6-12 nor an existing safety_layers.json")
+    safeft.check_layers_within(freeze["start"], freeze["end"], num_layers, flag)
     frozen = list(range(freeze["start"], freeze["end"] + 1))
     if len(frozen) == num_layers:  # SPPFT freezes a few middle layers; all of them leaves no block to train
-        raise UserError(f"--freeze-layers: {freeze['start']}-{freeze['end']} is every layer of this model, "
+        raise UserError(f"{flag}: {freeze['start']}-{freeze['end']} is every layer of this model, "
                         f"so no decoder block would train")
     return freeze, frozen
 

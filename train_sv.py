@@ -37,6 +37,8 @@ import torch
 import safeft
 from safeft import UserError
 
+SV_FORMAT = "security-vectors/v1"  # the format of sv_meta.json (SPEC.md)
+
 # -- defaults: small enough that the embedded models train in minutes on a laptop CPU, and the usual
 # QLoRA-style choices for a 7B chat model on one GPU --
 ADAPTER_NAME = "security_vectors"  # the name finetune.py activates the vectors under
@@ -63,8 +65,8 @@ def read_resume(path, config):
     """The security vectors being continued, checked against --model's config before the weights load."""
     found = safeft.find_adapter(path, "--resume")
     meta = found["meta"] or {}
-    if meta.get("format") != safeft.SECURITY_VECTORS_FORMAT:
-        raise UserError(f"--resume: {path} has no {safeft.SECURITY_VECTORS_FORMAT} sv_meta.json "
+    if meta.get("format") != SV_FORMAT:
+        raise UserError(f"--resume: {path} has no {SV_FORMAT} sv_meta.json "
                         f"(not a train_sv.py output)")
     safeft.check_fingerprint(meta.get("fingerprint", {}), config, f"--resume {path}")
     return found
@@ -322,7 +324,7 @@ def run(args):
         # 5. Save the adapter and what made it.
         peak_mb, peak_kind = safeft.peak_memory_mb()
         meta = {
-            "format": safeft.SECURITY_VECTORS_FORMAT, "model": args.model,
+            "format": SV_FORMAT, "model": args.model,
             "fingerprint": safeft.model_fingerprint(config), "load_in_4bit": load_in_4bit, "template": template,
             "adapter_name": ADAPTER_NAME, "data": args.data, "data_sha256": safeft.sha256_file(args.data),
             "rows": len(examples), "rows_skipped": len(rows) - len(examples),

@@ -307,6 +307,23 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(tiny_llama, task_
     assert not any(n.startswith(".tmp") for n in os.listdir(tmp_path))
 
 
+def test_freeze_layers_reads_a_range_or_a_safety_layers_json(tmp_path):
+    good = {"format": safeft.SAFETY_LAYERS_FORMAT, "num_layers": 24, "model": "m",
+            "safety_layers": {"start": 6, "end": 9}}
+    path = str(tmp_path / "s.json")
+    (tmp_path / "s.json").write_text(json.dumps(good))
+    freeze, frozen = ft.read_freeze(path, 24)
+    assert frozen == [6, 7, 8, 9] and freeze["source"] == path and freeze["model"] == "m"
+    assert ft.read_freeze("3-4", 24)[1] == [3, 4] and ft.read_freeze("7", 24)[1] == [7]
+    assert ft.read_freeze(None, 24) == (None, [])
+    (tmp_path / "bad.json").write_text(json.dumps({**good, "format": "other"}))
+    for spec, nlayers, message in ((str(tmp_path / "bad.json"), 24, "is not a safety_layers.json"),
+                                   (str(tmp_path / "missing.json"), 24, "neither a range like 6-12 nor an existing"),
+                                   (path, 12, "made for a model with 24 layers")):
+        with pytest.raises(safeft.UserError, match=message):
+            ft.read_freeze(spec, nlayers)
+
+
 def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, tmp_path, monkeypatch, capsys,
                                                           no_weights):
     wrong_format = tmp_path / "wrong.json"

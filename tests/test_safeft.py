@@ -386,34 +386,27 @@ def test_flag_validators_reject_settings_that_cannot_train(parse, good, bad):
             parse(text)
 
 
-def test_layer_ranges_and_safety_layers_files(tmp_path):
+def test_layer_ranges():
     assert h.parse_layer_range("6-12", "--x") == (6, 12) and h.parse_layer_range("7", "--x") == (7, 7)
     for text in ("12-6", "a-b", "1-2-3", "-3"):
         with pytest.raises(h.UserError, match="^--freeze-layers: "):
             h.parse_layer_range(text, "--freeze-layers")
     with pytest.raises(h.UserError, match="outside this model, which has layers 0-3"):
         h.check_layers_within(2, 4, 4, "--freeze-layers")
-    good = {"format": h.SAFETY_LAYERS_FORMAT, "num_layers": 24, "model": "m", "safety_layers": {"start": 6, "end": 9}}
-    (tmp_path / "s.json").write_text(json.dumps(good))
-    assert h.read_safety_layers(str(tmp_path / "s.json"))["end"] == 9
-    (tmp_path / "bad.json").write_text(json.dumps({**good, "format": "other"}))
-    with pytest.raises(h.UserError, match="is not a safety_layers.json"):
-        h.read_safety_layers(str(tmp_path / "bad.json"))
-    with pytest.raises(h.UserError, match="neither a range like 6-12 nor an existing"):
-        h.read_safety_layers(str(tmp_path / "missing.json"))
 
 
 def test_scripts_import_only_the_shared_module_and_have_a_guarded_main():
     """One importable module holds what the scripts share; scripts talk to each other only through files."""
     import ast
-    ours = {"safeft", "locate_layers", "train_sv", "finetune", "evaluate", "demo"}
+    ours = {"safeft", "safeft_judge", "locate_layers", "train_sv", "finetune", "evaluate", "demo"}
     for name in ("locate_layers.py", "train_sv.py", "finetune.py", "evaluate.py"):
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
-        assert imported & ours == {"safeft"}, name
+        # evaluate.py also has its judge module (the answer rules and the judge model), which only it uses
+        assert imported & ours == ({"safeft", "safeft_judge"} if name == "evaluate.py" else {"safeft"}), name
         main = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
         assert main and main[0].args.args[0].arg == "argv" and main[0].args.defaults, name
         assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body), name
@@ -435,3 +428,33 @@ def test_a_run_prints_our_lines_and_bars_not_library_warnings(tmp_path):
                                            ("warn", "deprecat", "kernels-community", "traceback", "future"))]
     assert noise == []
     assert f"wrote {tmp_path / 'ft'}" in result.stdout
+
+
+def test_the_module_holds_only_what_two_or_more_scripts_use():
+    """What one script alone uses lives in that script; a name here serves two or more of them, or is a part of
+    something here that does. safeft_judge.py counts as evaluate.py, the one script it serves."""
+    import ast
+    import re
+    tree = ast.parse(open(os.path.join(ROOT, "safeft.py")).read())
+    defined = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        for target in targets:
+            name = getattr(target, "id", getattr(target, "name", None))
+            if name:
+                defined[name] = node
+    used_inside = {n.id for node in tree.body for n in ast.walk(node) if isinstance(n, ast.Name)
+                   and not (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == n.id)}
+    used_inside |= {n.id for node in tree.body if isinstance(node, ast.Assign) for n in ast.walk(node.value)
+                    if isinstance(n, ast.Name)}
+    users = {}
+    for script, files in {"locate_layers": ["locate_layers.py"], "train_sv": ["train_sv.py"],
+                          "finetune": ["finetune.py"], "evaluate": ["evaluate.py", "safeft_judge.py"],
+                          "demo": ["demo.py"]}.items():
+        text = "".join(open(os.path.join(ROOT, f)).read() for f in files)
+        for name in defined:
+            if re.search(rf"(safeft\.|import [^\n]*\b){name}\b", text):
+                users.setdefault(name, set()).add(script)
+    lonely = {name: sorted(users.get(name, ())) for name in defined
+              if len(users.get(name, ())) < 2 and name not in used_inside}
+    assert lonely == {}
