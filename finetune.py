@@ -52,11 +52,12 @@ HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lr", "lr_schedule", 
 
 # -- checks that need no weights --
 
-def read_freeze(spec, num_layers, flag="--freeze-layers"):
+def read_freeze(spec, num_layers):
     """--freeze-layers, a range like 6-12 or a safety_layers.json from locate_layers.py -> (what it said, the
     0-based layer indices to freeze); checked against the config."""
     if not spec:
         return None, []
+    flag = "--freeze-layers"
     if os.path.isfile(spec):
         data = safeft.read_json_file(spec, flag)
         if not isinstance(data, dict) or data.get("format") != safeft.SAFETY_LAYERS_FORMAT:

@@ -1119,6 +1119,7 @@ PIVOT_RE = re.compile(
 STEP_RE = re.compile(r"(?:^|\n)\s*[-*\u2022]\s+\w|(?:^|[\s:])[1-9]\d?[.)]\s+\w|\bstep\s*\d+\b")
 STUB_WORDS = 30  # fewer words (repeated sentences counted once), with no steps, is a stub: no content
 
+
 def load_refusal_phrases(path):
     if path is None:
         return REFUSAL_PHRASES

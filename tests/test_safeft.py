@@ -436,17 +436,11 @@ def test_the_module_holds_only_what_two_or_more_scripts_use():
     import ast
     import re
     tree = ast.parse(open(os.path.join(ROOT, "safeft.py")).read())
-    defined = {}
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node]
-        for target in targets:
-            name = getattr(target, "id", getattr(target, "name", None))
-            if name:
-                defined[name] = node
-    used_inside = {n.id for node in tree.body for n in ast.walk(node) if isinstance(n, ast.Name)
-                   and not (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == n.id)}
-    used_inside |= {n.id for node in tree.body if isinstance(node, ast.Assign) for n in ast.walk(node.value)
-                    if isinstance(n, ast.Name)}
+    defined = {getattr(target, "id", getattr(target, "name", None))
+               for node in tree.body for target in (node.targets if isinstance(node, ast.Assign) else [node])} - {None}
+    # read (not assigned) by another top-level definition: a function calling itself does not count
+    used_inside = {n.id for node in tree.body for n in ast.walk(node)
+                   if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id != getattr(node, "name", None)}
     users = {}
     for script, files in {"locate_layers": ["locate_layers.py"], "train_sv": ["train_sv.py"],
                           "finetune": ["finetune.py"], "evaluate": ["evaluate.py", "safeft_judge.py"],
