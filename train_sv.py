@@ -184,27 +184,22 @@ def train_vectors(peft_model, examples, keep, args, keep_weight, pad_token_id, o
 
 
 @torch.no_grad()
-def mean_response_loss(model, examples, pad_token_id, batch_size):
-    """Token-weighted mean response loss over examples: the number the vectors' "consistency" is about."""
+def token_mean(model, measure, examples, pad_token_id, batch_size):
+    """The token-weighted mean over examples of measure(model, batch) -> (sum, tokens), batch by batch."""
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = safeft.collate(examples[start:start + batch_size], pad_token_id)
-        loss_sum, count = safeft.response_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-        total, tokens = total + float(loss_sum), tokens + count
+        value, count = measure(model, {k: v.to(device) for k, v in batch.items()})
+        total, tokens = total + float(value), tokens + count
     return total / max(tokens, 1)
 
 
-@torch.no_grad()
-def mean_keep_kl(peft_model, examples, pad_token_id, batch_size):
-    device = next(peft_model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = safeft.collate(examples[start:start + batch_size], pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        tokens = int(batch["attention_mask"].sum())
-        total, count = total + float(keep_kl(peft_model, batch)) * tokens, count + tokens
-    return total / max(count, 1)
+def keep_kl_sum(peft_model, batch):
+    """(keep_kl summed over the batch's real tokens, their number), for token_mean."""
+    keep = {k: v for k, v in batch.items() if k != "labels"}
+    tokens = int(keep["attention_mask"].sum())
+    return keep_kl(peft_model, keep) * tokens, tokens
 
 
 def run_check(peft_model, tokenizer, template, train_examples, check_rows, args, phrases, keep=None):
@@ -212,17 +207,20 @@ def run_check(peft_model, tokenizer, template, train_examples, check_rows, args,
     greedy answers to the held-out harmful prompts with and without the vectors, each with its refusal verdict."""
     peft_model.eval()
     pad, size = tokenizer.pad_token_id, args.eval_batch_size
-    check = {"train_rows": len(train_examples),
-             "train_loss_active": mean_response_loss(peft_model, train_examples, pad, size)}
+
+    def mean_response_loss(examples):  # the number the vectors' "consistency" is about
+        return token_mean(peft_model, safeft.response_loss_sum, examples, pad, size)
+
+    check = {"train_rows": len(train_examples), "train_loss_active": mean_response_loss(train_examples)}
     with peft_model.disable_adapter():
-        check["train_loss_inactive"] = mean_response_loss(peft_model, train_examples, pad, size)
+        check["train_loss_inactive"] = mean_response_loss(train_examples)
     heldout = [safeft.build_example(tokenizer, r, template, args.max_length) for r in check_rows if r.get("response")]
     heldout = [e for e in heldout if any(label != -100 for label in e["labels"][1:])]
     if heldout:
         check["heldout_loss_rows"] = len(heldout)
-        check["heldout_loss_active"] = mean_response_loss(peft_model, heldout, pad, size)
+        check["heldout_loss_active"] = mean_response_loss(heldout)
         with peft_model.disable_adapter():
-            check["heldout_loss_inactive"] = mean_response_loss(peft_model, heldout, pad, size)
+            check["heldout_loss_inactive"] = mean_response_loss(heldout)
     if check_rows:
         generate = lambda desc: safeft.generate_greedy(  # noqa: E731
             peft_model, tokenizer, check_rows, template, args.check_max_new_tokens, size, desc=desc)
@@ -238,7 +236,7 @@ def run_check(peft_model, tokenizer, template, train_examples, check_rows, args,
                       "answers": answers})  # every answer and verdict, so a reader can check them
     if keep:
         check["keep_rows"] = len(keep[:args.check_limit])
-        check["keep_kl"] = mean_keep_kl(peft_model, keep[:args.check_limit], pad, size)
+        check["keep_kl"] = token_mean(peft_model, keep_kl_sum, keep[:args.check_limit], pad, size)
     return check
 
 
