@@ -69,14 +69,13 @@ def read_freeze(spec, num_layers):
             raise UserError(f"{flag}: {spec} has no integer safety_layers.start/end")
         if type(data.get("num_layers")) is not int or not 0 <= layers["start"] <= layers["end"]:
             raise UserError(f"{flag}: {spec} has no valid num_layers and layer range")
-        freeze = {"start": layers["start"], "end": layers["end"], "source": spec, "num_layers": data["num_layers"],
-                  "model": data.get("model")}
-        if freeze["num_layers"] != num_layers:
-            raise UserError(f"{flag}: {spec} was made for a model with {freeze['num_layers']} layers "
-                            f"(model {freeze['model']!r}); this model has {num_layers}")
+        if data["num_layers"] != num_layers:
+            raise UserError(f"{flag}: {spec} was made for a model with {data['num_layers']} layers "
+                            f"(model {data.get('model')!r}); this model has {num_layers}")
+        freeze = {"start": layers["start"], "end": layers["end"], "source": spec, "model": data.get("model")}
     elif any(c.isdigit() for c in spec) and not spec.endswith(".json"):
         start, end = safeft.parse_layer_range(spec, flag)
-        freeze = {"start": start, "end": end, "source": "range", "num_layers": None}
+        freeze = {"start": start, "end": end, "source": "range"}
     else:
         raise UserError(f"{flag}: '{spec}' is neither a range like 6-12 nor an existing safety_layers.json")
     safeft.check_layers_within(freeze["start"], freeze["end"], num_layers, flag)
