@@ -51,7 +51,6 @@ MAX_NEW_TOKENS = 96
 TASK_BUDGET_FACTOR, TASK_BUDGET_MIN, TASK_BUDGET_MAX, TASK_BUDGET_NO_REFERENCE = 3, 128, 512, 256
 EXAMPLES = 2  # example answers per class in the reports
 Z95 = 1.959964  # standard normal quantile of a two-sided 95% interval
-ADAPTER_META_FILES = ("sv_meta.json", "train_log.json")  # what train_sv.py / finetune.py leave beside weights
 CLASSES = {"harmful": safeft_judge.HARMFUL_CLASSES, "over_refusal": safeft_judge.OVER_REFUSAL_CLASSES}
 CLASS_NAMES = {"refused": "refused", "complied_no_content": "complied, no content",
                "complied_with_content": "complied with content", "other": "other (warning, off-topic, empty)",
@@ -149,14 +148,13 @@ def response_loss(model, tokenizer, rows, template, batch_size, max_length):
 # -- adapters and the settings they recorded, checked against the base model's config before any weights --
 
 def read_adapter(path):
-    """find_adapter's record plus its meta file's name and whether it records its base model's fingerprint."""
+    """find_adapter's record plus whether its meta file records its base model's fingerprint."""
     has = {name: os.path.isfile(os.path.join(path, name)) for name in ("adapter_config.json", "config.json")}
     if has["config.json"] and not has["adapter_config.json"]:
         raise UserError(f"--adapter: {path} has a config.json and no adapter_config.json: it is a full model "
                         f"(finetune.py --method full), pass it as --model {path}")
     adapter = safeft.find_adapter(path, "--adapter")
     adapter["meta"] = adapter["meta"] or {}
-    adapter["meta_file"] = next((n for n in ADAPTER_META_FILES if os.path.isfile(os.path.join(path, n))), None)
     adapter["fingerprint_checked"] = isinstance(adapter["meta"].get("fingerprint"), dict)
     if not adapter["fingerprint_checked"]:
         print(f"warning: --adapter {path} records no fingerprint of its base model, so it is checked only when "

@@ -834,7 +834,8 @@ def check_layers_within(start, end, num_layers, flag):
 
 def find_adapter(path, flag):
     """A PEFT LoRA adapter folder (ours at its root, or PEFT's one-named-subfolder layout) and the JSON of what
-    made it (sv_meta.json or train_log.json, when there) -> {"path", "adapter_dir", "config", "meta"}."""
+    made it (sv_meta.json or train_log.json, when there) -> {"path", "adapter_dir", "config", "meta", "meta_file"}
+    (meta_file: that JSON's name, None without one)."""
     if not os.path.isdir(path):
         raise UserError(f"{flag}: {path} is not a folder")
     adapter_dir = path
@@ -850,12 +851,11 @@ def find_adapter(path, flag):
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         # Several adapters can be active at once in one PeftModel only when all are LoRA.
         raise UserError(f"{flag}: {path} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
-    made_by = next((os.path.join(path, n) for n in ("sv_meta.json", "train_log.json")
-                    if os.path.isfile(os.path.join(path, n))), None)
-    meta = read_json_file(made_by, flag) if made_by else None
-    if made_by and not isinstance(meta, dict):
-        raise UserError(f"{flag}: {made_by} is not a JSON object")
-    return {"path": path, "adapter_dir": adapter_dir, "config": config, "meta": meta}
+    meta_file = next((n for n in ("sv_meta.json", "train_log.json") if os.path.isfile(os.path.join(path, n))), None)
+    meta = read_json_file(os.path.join(path, meta_file), flag) if meta_file else None
+    if meta_file and not isinstance(meta, dict):
+        raise UserError(f"{flag}: {os.path.join(path, meta_file)} is not a JSON object")
+    return {"path": path, "adapter_dir": adapter_dir, "config": config, "meta": meta, "meta_file": meta_file}
 
 
 # -- prompts: one formatting for every script --

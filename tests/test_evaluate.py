@@ -516,6 +516,7 @@ def test_run_with_two_adapters_records_them(tiny_llama, adapters, data_files, tm
     assert result["name"] == "a+b" and os.path.isfile(tmp_path / "runs" / "a+b.json")
     assert [a["path"] for a in result["settings"]["adapters"]] == [adapters["a"], adapters["b"]]
     assert all(a["fingerprint_checked"] for a in result["settings"]["adapters"])
+    assert [a["meta_file"] for a in result["settings"]["adapters"]] == ["train_log.json", "train_log.json"]
     assert result["settings"]["template_source"].endswith("train_log.json")
     assert result["summary"]["over_refusal"] is None and "over_refusal" not in result["records"]
     assert result["summary"]["task"]["response_loss"] > 0
