@@ -710,14 +710,15 @@ def pick_device_and_dtype():
     return "cpu", torch.float32  # bf16 matmuls are far slower than fp32 on most CPUs, and 4-bit CPU kernels differ
 
 
-def load_tokenizer(model, template="auto"):
-    """The tokenizer, left-padded (every prompt's last token at position -1), and the resolved template."""
+def load_tokenizer(model, template="auto", flag="--model"):
+    """The tokenizer, left-padded (every prompt's last token at position -1), and the resolved template.
+    `flag` names the model in errors: evaluate.py's guard judge is a --judge-model."""
     from transformers import AutoTokenizer
     path = local_model_dir(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"--model: cannot load the tokenizer of {model} ({str(e).splitlines()[0][:200]})")
+        raise UserError(f"{flag}: cannot load the tokenizer of {model} ({str(e).splitlines()[0][:200]})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "left"

@@ -153,7 +153,7 @@ def load_judge(name, unsafe_override=None, judge_input="response"):
             judge["max_length"] = min(512, getattr(tokenizer, "model_max_length", 512) or 512,
                                       getattr(model.config, "max_position_embeddings", 512) or 512)
         elif any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
-            tokenizer, _ = safeft.load_tokenizer(path)
+            tokenizer, _ = safeft.load_tokenizer(path, flag="--judge-model")
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             # a chat template writes its own special tokens; our plain question gets the tokenizer's (BOS)
             judge.update(kind="guard", template="chat" if getattr(tokenizer, "chat_template", None) else "none")

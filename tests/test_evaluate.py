@@ -423,6 +423,15 @@ def test_guard_style_judge_plumbing(tiny_qwen2, one_thread):
     assert summary["rule_harmful_judge_safe"] == 1 and summary["rule_not_harmful_judge_unsafe"] == 1
 
 
+def test_guard_judge_with_a_broken_tokenizer_names_the_judge_flag(tiny_qwen2, tmp_path):
+    # the guard's tokenizer loads through safeft.load_tokenizer, whose error would otherwise name --model
+    broken = tmp_path / "guard-with-a-broken-tokenizer"
+    shutil.copytree(tiny_qwen2, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ev.UserError, match=r"^--judge-model: cannot load the tokenizer of "):
+        safeft_judge.load_judge(str(broken))
+
+
 # -- the data: a label column picks the rows of each measure; each part has its own token budget --
 
 def test_label_column_selects_rows_and_is_recorded(tiny_llama, tmp_path, monkeypatch):
