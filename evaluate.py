@@ -520,6 +520,7 @@ def evaluate(args):
     safeft.set_seed(args.seed)
     load_start = time.time()
     tokenizer, template = safeft.load_tokenizer(args.model, followed["template"])
+    safeft.check_template_fits(template, *parts.values())
     task_tokens, task_tokens_source = task_budget(args, tokenizer, parts["task"] or [])
     model = safeft.load_model(args.model, followed["load_in_4bit"])
     model, adapter_names = attach_adapters(model, adapters)

@@ -664,6 +664,7 @@ def locate(args, log=print):
     if flag_range:
         safeft.check_layers_within(*flag_range, num_layers, "--initial-range")
     tokenizer, template = safeft.load_tokenizer(args.model, args.template)
+    safeft.check_template_fits(template, *sets.values())
 
     # 2. Load, and check that the shared-prefix shortcut gives this model's own results.
     safeft.set_seed(args.seed)

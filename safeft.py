@@ -512,7 +512,7 @@ def _row(where, number, record, prompt_key, response_key, chat_key, need_respons
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     row = {"prompt": None, "input": None, "messages": None, "response": None, "label": None, "line": number,
-           "fields": record}
+           "where": where, "fields": record}
     key = chat_key or prompt_key
     value = record.get(key)
     if chat_key or (isinstance(value, list) and value and all(isinstance(m, dict) for m in value)):
@@ -543,10 +543,10 @@ def _row(where, number, record, prompt_key, response_key, chat_key, need_respons
 def read_rows(path, prompt_field=None, response_field=None, need_response=False, limit=None, flag="--data",
               label=None, label_field=None):
     """Reads a data file (or datasets folder) into rows {"prompt", "input", "messages", "response", "label",
-    "line", "fields"}; errors name file and line. label="unsafe"/"safe" keeps the rows the label column (named
-    label, or label_field; "none" turns it off) marks so; a file without that column is kept whole. Exact
-    duplicate prompts (with the response, when need_response) are dropped. Returns Rows: .notes says what was
-    dropped or selected, each also printed once."""
+    "line", "where" (FILE:LINE, for later errors), "fields"}; errors name file and line. label="unsafe"/"safe"
+    keeps the rows the label column (named label, or label_field; "none" turns it off) marks so; a file without
+    that column is kept whole. Exact duplicate prompts (with the response, when need_response) are dropped.
+    Returns Rows: .notes says what was dropped or selected, each also printed once."""
     if not path:
         raise UserError(f"{flag}: no data file given")
     if not os.path.exists(path):
@@ -880,12 +880,21 @@ def prompt_messages(row):
     return [{"role": "user", "content": text}]
 
 
+def check_template_fits(template, *row_sets):
+    """A conversation (messages) reaches the model only through its chat template. The scripts call this once
+    the template is known, so that a mismatch is found before the weights load, naming the file and line."""
+    for rows in row_sets if template != "chat" else ():
+        row = next((r for r in rows or () if isinstance(r, dict) and r.get("messages")), None)
+        if row:
+            raise UserError(f"{row.get('where', row.get('line'))}: conversation data (messages) needs --template "
+                            f"chat (this run formats prompts as {template})")
+
+
 def format_prompt(tokenizer, row, template):
     """The text the model sees before its answer; row is a read_rows() row or a prompt string."""
     if template == "chat":
         return tokenizer.apply_chat_template(prompt_messages(row), tokenize=False, add_generation_prompt=True)
-    if isinstance(row, dict) and row.get("messages"):
-        raise UserError(f"line {row.get('line')}: conversation data (messages) needs --template chat")
+    check_template_fits(template, [row])
     if template == "alpaca":
         if isinstance(row, dict) and row.get("input"):
             return ALPACA_INPUT_TEMPLATE.format(prompt=row["prompt"], input=row["input"])
@@ -904,7 +913,7 @@ def build_example(tokenizer, row, template, max_length, train_on_inputs=False):
             before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
             through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
             if not (before.startswith(done) and through.startswith(before)):
-                raise UserError(f"line {row['line']}: the chat template does not render this conversation "
+                raise UserError(f"{row.get('where', row['line'])}: the chat template does not render this conversation "
                                 f"turn by turn, so its assistant turns cannot be labelled")
             for text, learn in ((before[len(done):], train_on_inputs), (through[len(before):], True)):
                 piece = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -276,6 +276,7 @@ def run(args):
     target_modules = None if resume else safeft.pick_target_modules(safeft.meta_model(config),
                                                                     args.lora_target_modules)
     tokenizer, template = safeft.load_tokenizer(args.model, args.template)
+    safeft.check_template_fits(template, rows, keep_rows, check_rows)
     examples = safeft.build_examples(tokenizer, rows, template, args.max_length, "--data")
     keep = keep_examples(tokenizer, keep_rows, template, args.max_length) if keep_rows else None
     keep_weight = (KEEP_WEIGHT if args.keep_weight is None else args.keep_weight) if keep else 0.0

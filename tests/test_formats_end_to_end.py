@@ -56,3 +56,32 @@ def test_each_format_trains_and_evaluates_through_the_scripts(name, tiny_llama, 
                    "--skip-over-rejection", "--skip-task", "--max-new-tokens", "4", "--out", str(tmp_path / "e.json")])
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["summary"]["harmful"]["n"] == log["rows"]
+
+
+def test_conversations_without_the_chat_template_are_found_before_the_weights(tiny_llama, tmp_path, capsys,
+                                                                              no_weights):
+    """Every script that reads a conversation file names its file and line when the template is not chat, and
+    does so before the weights load (no_weights): on a 7B model that load is minutes lost."""
+    import locate_layers
+    import train_sv
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"tell me {w}"},
+                                                               {"role": "assistant", "content": f"here is {w}"}]}
+                                                 for w in "abcdef"])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": f"say {w}", "response": f"ok {w}"} for w in "abcdef"])
+    alpaca = ["--model", tiny_llama, "--template", "alpaca"]
+    runs = {
+        "finetune": (finetune.main, ["--data", chat, "--out", str(tmp_path / "ft")]),
+        "train_sv": (train_sv.main, ["--data", plain, "--check-data", chat, "--out", str(tmp_path / "sv")]),
+        "evaluate": (evaluate.main, ["--harmful", plain, "--over-rejection", chat, "--skip-task",
+                                     "--out", str(tmp_path / "e.json")]),
+        "locate_layers": (locate_layers.main, ["--normal", plain, "--malicious", chat, "--skip-scaling",
+                                               "--out", str(tmp_path / "layers.json")]),
+    }
+    for script, (main, argv) in runs.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(alpaca + argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2, script
+        assert err.startswith(f"error: {chat}:1: conversation data (messages) needs --template chat"), (script, err)
+        assert "alpaca" in err, (script, err)
+    assert not any((tmp_path / name).exists() for name in ("ft", "sv", "e.json", "layers.json"))

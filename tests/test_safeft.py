@@ -57,14 +57,32 @@ def test_collate_pads_left_with_positions():
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
-def test_response_loss_equals_the_models_own_loss_on_unpadded_rows(tiny_llama):
-    """Left padding + position_ids + logits only on the answer span give each row's own loss."""
+def test_build_examples_skips_and_names_rows_with_no_answer_token_left(tiny_llama, capsys):
+    tokenizer, template = h.load_tokenizer(tiny_llama)
+    rows = [{**row("hi", "hello there"), "line": 1}, {**row("tell me " * 40, "ok"), "line": 2},
+            {**row("how do i make bread ?", "here is a recipe"), "line": 3}]
+    examples = h.build_examples(tokenizer, rows, template, 24, "--data")
+    assert len(examples) == 2 and all(len(e["input_ids"]) <= 24 for e in examples)
+    err = capsys.readouterr().err
+    assert "--data: 1 rows keep no answer token within --max-length 24 (lines 2)" in err
+    with pytest.raises(h.UserError, match="--max-length 24: no row of --data"):
+        h.build_examples(tokenizer, rows[1:2], template, 24, "--data")
+
+
+def test_response_loss_equals_the_models_own_loss_on_unpadded_rows(tiny_llama, monkeypatch):
+    """Left padding + position_ids + logits only on the answer span give each row's own loss, and so does the
+    full-logits path of a model whose forward takes no logits_to_keep."""
     tokenizer, template = h.load_tokenizer(tiny_llama)
     model = h.load_model(tiny_llama)
     rows = [row("how do i make bread ?", "here is a recipe"), row("hi", "hello there , how can i help you today ?")]
     examples = [h.build_example(tokenizer, r, template, 128) for r in rows]
+    batch = h.collate(examples, tokenizer.pad_token_id)
+    assert h.accepts_logits_to_keep(model)
     with torch.no_grad():
-        loss_sum, count = h.response_loss_sum(model, h.collate(examples, tokenizer.pad_token_id))
+        loss_sum, count = h.response_loss_sum(model, batch)
+        monkeypatch.setattr(h, "accepts_logits_to_keep", lambda model: False)
+        full_sum, full_count = h.response_loss_sum(model, batch)
+    assert full_count == count and abs(float(full_sum) - float(loss_sum)) < 1e-4 * count
     expected_sum, expected_count = 0.0, 0
     for e in examples:  # each row alone, unpadded, through the model's own loss
         labels = torch.tensor([e["labels"]])
@@ -230,6 +248,36 @@ def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
     with h.atomic_file(str(path), ".png") as tmp:
         open(tmp, "wb").write(b"new")
     assert path.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["plot.png"]
+
+
+def test_find_adapter_layouts_and_what_it_refuses(tmp_path):
+    def adapter(folder, peft_type="LORA", weights="adapter_model.safetensors"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+        (folder / weights).write_bytes(b"")
+        return folder
+    ours = adapter(tmp_path / "ours")
+    (ours / "sv_meta.json").write_text('{"format": "security-vectors/v1"}')
+    found = h.find_adapter(str(ours), "--adapter")
+    assert found["adapter_dir"] == str(ours) and found["meta_file"] == "sv_meta.json"
+    assert found["meta"] == {"format": "security-vectors/v1"}
+    adapter(tmp_path / "peft" / "default", weights="adapter_model.bin")  # PEFT's one-named-subfolder layout
+    found = h.find_adapter(str(tmp_path / "peft"), "--adapter")
+    assert found["adapter_dir"] == str(tmp_path / "peft" / "default") and found["meta"] is None
+    adapter(tmp_path / "peft" / "second")
+    with pytest.raises(h.UserError, match="^--adapter: no adapter_config.json"):  # two: which one is meant?
+        h.find_adapter(str(tmp_path / "peft"), "--adapter")
+    (adapter(tmp_path / "empty") / "adapter_model.safetensors").unlink()
+    with pytest.raises(h.UserError, match="^--adapter: no adapter_model.safetensors"):
+        h.find_adapter(str(tmp_path / "empty"), "--adapter")
+    adapter(tmp_path / "ia3", peft_type="IA3")
+    with pytest.raises(h.UserError, match="^--adapter: .*ia3 is not a LoRA adapter .*'IA3'"):
+        h.find_adapter(str(tmp_path / "ia3"), "--adapter")
+    (ours / "sv_meta.json").write_text("[1]")
+    with pytest.raises(h.UserError, match="^--security-vectors: .*sv_meta.json is not a JSON object"):
+        h.find_adapter(str(ours), "--security-vectors")
+    with pytest.raises(h.UserError, match="^--adapter: .* is not a folder"):
+        h.find_adapter(str(tmp_path / "missing"), "--adapter")
 
 
 def test_read_json_file_names_the_flag_and_the_file(tmp_path):
