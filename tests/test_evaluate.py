@@ -467,6 +467,17 @@ def test_task_budget_is_its_own(tiny_llama, data_files, tmp_path, monkeypatch):
     assert ev.task_budget(args, tokenizer, [{"response": None}])[0] == ev.TASK_BUDGET_NO_REFERENCE
 
 
+def test_task_answers_cut_short_by_the_budget_are_a_warning_and_a_note(tiny_llama, data_files, tmp_path, capsys):
+    # A random tiny model never stops early: 2 tokens use the whole budget on every task row.
+    result = ev.main(["--model", tiny_llama, "--skip-harmful", "--skip-over-rejection", "--task", data_files["task"],
+                      "--task-max-new-tokens", "2", "--out", str(tmp_path / "cut.json")])
+    task = result["summary"]["task"]
+    assert task["at_budget"] == task["n"] > 0
+    note = f"{task['n']} of {task['n']} task answers used the whole budget of 2 tokens"
+    assert any(n.startswith(note) for n in result["settings"]["notes"])
+    assert f"warning: {note}" in capsys.readouterr().err
+
+
 # -- adapters --
 
 def save_lora(base_path, out, seed, meta=None):
@@ -647,6 +658,10 @@ def test_empty_and_bad_data(tiny_llama, data_files, tmp_path, capsys):
                       f"{no_answer}:1", "reference answer", capsys=capsys)
     expect_user_error(["--model", tiny_llama, "--harmful", "", "--over-rejection", "", "--task", ""],
                       "nothing to evaluate", capsys=capsys)
+    expect_user_error(["--model", tiny_llama, *data_args(data_files), "--skip-harmful", "--judge-model", tiny_llama],
+                      "--judge-model", "harmful part is skipped", capsys=capsys)
+    expect_user_error(["--model", tiny_llama, *data_args(data_files), "--plot", str(tmp_path / "p.png")],
+                      "--plot", "--compare", capsys=capsys)
     expect_user_error(["--model", tiny_llama, *data_args(data_files), "--refusal-phrases", str(tmp_path / "none.txt")],
                       "--refusal-phrases", capsys=capsys)
     with pytest.raises(SystemExit) as exit_info:  # argparse: bad numbers never reach the model

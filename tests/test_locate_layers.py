@@ -424,6 +424,24 @@ def test_fallback_and_strict(tiny_llama, data_files, tmp_path, monkeypatch, caps
     assert not (tmp_path / "b.json").exists()
 
 
+def test_a_clear_range_is_used_and_strict_still_wants_a_clear_scale(tiny_llama, data_files, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Tiny random models never show a clear range, so the rule's answer is set here: run() must use it over
+    --initial-range and say so; --strict then refuses a scaling search whose start sweep is not clear."""
+    rule = {"gap_ci_low": [0.0] * 4, "gap_ci_high": [1.0] * 4, "threshold_deg": 0.5, "early_layers": [0]}
+    monkeypatch.setattr(ll, "find_initial_range", lambda gap, boot: ((1, 2), rule, None))
+    report = ll.main(cli(tiny_llama, data_files, tmp_path / "a.json", "--skip-scaling", "--initial-range", "0-3"))
+    assert report["initial_range"] == report["safety_layers"] == {"start": 1, "end": 2}
+    assert not report["fallback"] and report["fallback_reason"] is None and report["initial_range_rule"] == rule
+    out = capsys.readouterr().out
+    assert "initial range 1-2" in out and "--initial-range unused" in out and "FALLBACK" not in out
+    monkeypatch.setattr(ll, "scaling_search", lambda *args: {"clear": False, "alpha": 1.5, "p_value": 0.4})
+    with pytest.raises(SystemExit) as err:
+        ll.main(cli(tiny_llama, data_files, tmp_path / "b.json", "--strict"))
+    assert err.value.code == 2 and "--strict: no scale up to 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
 def error_line(capsys):
     return capsys.readouterr().err.strip().splitlines()[-1]
 

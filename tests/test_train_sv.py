@@ -289,6 +289,11 @@ def test_bad_inputs_one_line_before_loading(tiny_llama, data, tmp_path, capsys, 
     assert "--keep-weight" in bad(base + ["--keep-weight", "1"] + y, capsys)
     assert "--keep-data" in bad(base + ["--keep-data", str(tmp_path / "nope.jsonl")] + y, capsys)
     assert "--resume" in bad(base + ["--resume", str(existing)] + y, capsys)
+    import shutil
+    unrecorded = shutil.copytree(trained[0], tmp_path / "unrecorded")  # a LoRA folder, but not train_sv.py's
+    os.remove(unrecorded / "sv_meta.json")
+    err = bad(base + ["--resume", str(unrecorded)] + y, capsys)
+    assert err.startswith("error: --resume:") and "sv_meta.json" in err and "not a train_sv.py output" in err
     other = make_tiny_model("llama", tmp_path / "wider", hidden=64)
     err = bad(["--model", other, "--data", data["train"], "--resume", str(trained[0])] + y, capsys)
     assert "--resume" in err and "hidden_size 32 != 64" in err
@@ -300,6 +305,21 @@ def test_bad_inputs_one_line_before_loading(tiny_llama, data, tmp_path, capsys, 
     assert "config.json" in bad(["--model", str(not_a_model), "--data", data["train"]] + y, capsys)
     assert "--model" in bad(["--model", "no-such-org/no-such-model", "--data", data["train"]] + y, capsys)  # offline
     assert not (tmp_path / "y").exists()
+
+
+def test_keep_examples_are_the_whole_exchange_or_the_prompt(tiny_llama):
+    """The KL term's benign sequences: a row with an answer keeps it (the vectors must not change how the model
+    answers benign prompts), a prompt-only row is the formatted prompt; no position is a training label."""
+    tokenizer, template = safeft.load_tokenizer(tiny_llama)
+    rows = [{"prompt": "how do i make a cake", "response": "here is a recipe", "line": 1},
+            {"prompt": "tell me a story", "response": None, "line": 2}]
+    with_answer, prompt_only = train_sv.keep_examples(tokenizer, rows, template, 128)
+    assert tokenizer.decode(with_answer["input_ids"]).startswith(safeft.format_prompt(tokenizer, rows[0], template))
+    assert "here is a recipe" in tokenizer.decode(with_answer["input_ids"])
+    assert tokenizer.decode(prompt_only["input_ids"]) == safeft.format_prompt(tokenizer, rows[1], template)
+    assert all(set(e["labels"]) == {-100} and len(e["labels"]) == len(e["input_ids"])
+               for e in (with_answer, prompt_only))
+    assert len(train_sv.keep_examples(tokenizer, rows[:1], template, 5)[0]["input_ids"]) == 5
 
 
 def test_unusable_output_found_before_loading(tiny_llama, data, tmp_path, capsys, no_weights):
