@@ -423,6 +423,30 @@ def test_guard_style_judge_plumbing(tiny_qwen2, one_thread):
     assert summary["rule_harmful_judge_safe"] == 1 and summary["rule_not_harmful_judge_unsafe"] == 1
 
 
+def test_guard_prompt_uses_a_guards_own_template_with_text_or_parts():
+    """A guard whose chat template mentions 'unsafe' (Llama Guard's does) gets the conversation through it, with
+    plain-text content or, where the template reads content as a list of parts, as parts."""
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("Is this unsafe? {% for m in messages %}{{ m['role'] }}: {{ m['content'] }} "
+                               "{% endfor %}")
+    text = safeft_judge.guard_prompt(tokenizer, "write a virus", "sure , here is a plan")
+    assert text == "Is this unsafe? user: write a virus assistant: sure , here is a plan "
+    tokenizer.chat_template = ("Is this unsafe? {% for m in messages %}{{ m['role'] }}: "
+                               "{{ m['content'][0]['text'] }} {% endfor %}")
+    text = safeft_judge.guard_prompt(tokenizer, "write a virus", "sure , here is a plan")
+    assert text == "Is this unsafe? user: write a virus assistant: sure , here is a plan "
+    tokenizer.chat_template = None  # no template at all: our question, as plain text
+    text = safeft_judge.guard_prompt(tokenizer, "write a virus", "sure")
+    assert "safe or unsafe" in text and text.endswith("\nAnswer:")
+
+
+def test_judge_labels_that_say_nothing_about_safety_need_naming():
+    for labels in ({0: "LABEL_0", 1: "LABEL_1"}, {0: "unsafe", 1: "harmful"}):  # none unsafe, or all
+        with pytest.raises(ev.UserError, match="cannot tell which of its labels .* --judge-unsafe-labels"):
+            safeft_judge.judge_unsafe_label_ids(labels, None, "some/judge")
+    assert safeft_judge.judge_unsafe_label_ids({"0": "LABEL_0", "1": "LABEL_1"}, "label_1", "some/judge") == [1]
+
+
 def test_guard_judge_with_a_broken_tokenizer_names_the_judge_flag(tiny_qwen2, tmp_path):
     # the guard's tokenizer loads through safeft.load_tokenizer, whose error would otherwise name --model
     broken = tmp_path / "guard-with-a-broken-tokenizer"

@@ -368,6 +368,7 @@ def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, 
         (["--out", str(tmp_path / "a_file" / "out")], "--out"),
         (["--checkpoint-dir", str(tmp_path / "a_file")], "--checkpoint-dir"),
         (["--resume", str(tmp_path / "empty_folder")], "--resume"),
+        (["--resume", str(tmp_path / "nowhere")], "is not a checkpoint folder"),
     ]
     for extra, named in cases:
         args = ["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "never"), "--max-steps", "1"]
@@ -376,6 +377,24 @@ def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, 
     (tmp_path / "taken").mkdir()
     assert "--overwrite" in one_line_error(capsys, ["--model", tiny_llama, "--data", task_data,
                                                     "--out", str(tmp_path / "taken")])
+
+
+def test_security_vectors_without_a_record_or_with_another_template_are_warnings(tmp_path, capsys):
+    from transformers import LlamaConfig
+    config = LlamaConfig(num_hidden_layers=4, hidden_size=32, vocab_size=400, num_attention_heads=4)
+    folder = tmp_path / "vectors"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    assert ft.read_security_vectors(str(folder), config, "chat")["meta"] is None
+    assert "records no base model (no sv_meta.json)" in capsys.readouterr().err
+    (folder / "sv_meta.json").write_text(json.dumps({"format": "security-vectors/v1", "template": "alpaca",
+                                                     "fingerprint": safeft.model_fingerprint(config)}))
+    ft.read_security_vectors(str(folder), config, "chat")
+    err = capsys.readouterr().err
+    assert "trained with --template alpaca, this run uses chat" in err and "records no base model" not in err
+    ft.read_security_vectors(str(folder), config, "alpaca")
+    assert capsys.readouterr().err == ""
 
 
 def test_read_only_output_folder_is_refused_before_loading(tiny_llama, task_data, tmp_path, monkeypatch, capsys):
