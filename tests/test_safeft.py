@@ -57,6 +57,17 @@ def test_collate_pads_left_with_positions():
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
+def test_a_chat_template_that_cannot_render_turn_by_turn_is_named(tiny_llama):
+    # This template writes the number of turns first, so a conversation's prefix renders differently from the
+    # start of the whole: the assistant turns' tokens cannot be located, and the row says where it came from.
+    tokenizer, _ = h.load_tokenizer(tiny_llama)
+    tokenizer.chat_template = "{{ messages | length }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chat = {"messages": messages, "prompt": "hi", "response": "hello", "line": 3, "where": "chat.jsonl:3"}
+    with pytest.raises(h.UserError, match="^chat.jsonl:3: the chat template does not render this conversation"):
+        h.build_example(tokenizer, chat, "chat", 64)
+
+
 def test_build_examples_skips_and_names_rows_with_no_answer_token_left(tiny_llama, capsys):
     tokenizer, template = h.load_tokenizer(tiny_llama)
     rows = [{**row("hi", "hello there"), "line": 1}, {**row("tell me " * 40, "ok"), "line": 2},
@@ -441,6 +452,31 @@ def test_layer_ranges():
             h.parse_layer_range(text, "--freeze-layers")
     with pytest.raises(h.UserError, match="outside this model, which has layers 0-3"):
         h.check_layers_within(2, 4, 4, "--freeze-layers")
+
+
+def test_pip_install_makes_the_module_and_the_scripts_importable_anywhere(tmp_path):
+    """pyproject.toml's promise to notebook users (`pip install git+<repo>`): the module and the four scripts
+    import from any folder, and `main([...])` runs. Installed from a copy, so the checkout gets no build files."""
+    import shutil
+    source, site, elsewhere = tmp_path / "source", tmp_path / "site", tmp_path / "notebook"
+    source.mkdir()
+    elsewhere.mkdir()
+    modules = ["safeft", "safeft_judge", "locate_layers", "train_sv", "finetune", "evaluate"]
+    for name in ["pyproject.toml", "README.md"] + [m + ".py" for m in modules]:
+        shutil.copy(os.path.join(ROOT, name), source)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+                    "--target", str(site), str(source)], check=True, capture_output=True, text=True)
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    print(importlib.import_module(name).__file__)\n"
+            "from finetune import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    print('exit', e.code)\n")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    done = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    files = done.stdout.splitlines()[:len(modules)]
+    assert [os.path.dirname(f) for f in files] == [str(site)] * len(modules), files
+    assert "--micro-batch-size" in done.stdout and done.stdout.rstrip().endswith("exit 0")
 
 
 def test_scripts_import_only_the_shared_module_and_have_a_guarded_main():
