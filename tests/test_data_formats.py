@@ -148,6 +148,9 @@ def test_parquet_and_datasets_errors_name_the_row(tmp_path):
     with pytest.raises(safeft.UserError, match="holds the splits train, test: give one"):
         read(two)
     assert read(tmp_path / "two" / "test")[0]["prompt"] == "fine"
+    import datasets
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:1])}).save_to_disk(str(tmp_path / "one-split"))
+    assert [r["prompt"] for r in read(tmp_path / "one-split")] == ["fine"]  # a single split is the data
     (tmp_path / "plain").mkdir()
     with pytest.raises(safeft.UserError, match="not one written by datasets' save_to_disk"):
         read(tmp_path / "plain")
@@ -357,6 +360,11 @@ def test_bad_json_file_and_items(tmp_path):
     (tmp_path / "e.json").write_text('[{"prompt": "a"}, {"prompt": " "}]')
     with pytest.raises(safeft.UserError, match=r"e.json: item 2: empty or missing prompt"):
         read(tmp_path / "e.json")
+    (tmp_path / "wrapped.json").write_text('{"version": 2, "data": [{"prompt": "a"}, {"prompt": "b"}]}')
+    assert [r["prompt"] for r in read(tmp_path / "wrapped.json")] == ["a", "b"]  # one list inside: the rows
+    (tmp_path / "two-lists.json").write_text('{"train": [{"prompt": "a"}], "test": [{"prompt": "b"}]}')
+    with pytest.raises(safeft.UserError, match=r"two-lists.json: expected a JSON list of objects"):
+        read(tmp_path / "two-lists.json")
 
 
 @pytest.mark.parametrize("value, kind", [(["a", "b"], "a list"), ({"text": "a"}, "a dict"), (True, "a boolean"),

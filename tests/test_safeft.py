@@ -107,6 +107,16 @@ def test_response_loss_equals_the_models_own_loss_on_unpadded_rows(tiny_llama, m
 
 # -- models --
 
+def test_gpt2_style_blocks_and_conv1d_projections_are_found():
+    """GPT-2 style models keep their blocks in transformer.h and their projections in transformers' Conv1D."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+    assert h.decoder_layers(model) is model.transformer.h
+    assert h.projection_names(model) == ["c_attn", "c_proj", "c_fc"]
+    with pytest.raises(h.UserError, match="cannot find the decoder layers of Linear"):
+        h.decoder_layers(torch.nn.Linear(2, 2))
+
+
 def test_load_model_cpu_fp32_left_padding(tiny_model):
     model = h.load_model(tiny_model)
     tokenizer, _ = h.load_tokenizer(tiny_model)
