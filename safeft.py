@@ -94,6 +94,8 @@ def run_main(procedure, parser, argv, resume_hint=None):
     line that says what was kept (resume_hint(args) gives it) and exit code 130."""
     args = parser.parse_args(argv)
     quiet_libraries()
+    distributed = torch.distributed.is_available()
+    group_was_open = distributed and torch.distributed.is_initialized()  # a caller's own group is the caller's
     try:
         return procedure(args)
     except UserError as err:
@@ -107,7 +109,7 @@ def run_main(procedure, parser, argv, resume_hint=None):
         # Under torchrun the Trainer (accelerate) opens a process group. Left to the interpreter's exit, gloo's
         # threads sometimes abort a process whose work is done ("terminate called without an active exception",
         # about 1 run in 10 on CPU), and torchrun then kills the others, process 0 perhaps before it saved.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed and not group_was_open and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -886,14 +888,21 @@ def prompt_messages(row):
     return [{"role": "user", "content": text}]
 
 
+def _where(row):
+    # read_rows() rows say FILE:LINE; a row built by hand (a notebook, a test) has at most a line number
+    return row.get("where") or f"line {row.get('line')}"
+
+
 def check_template_fits(template, *row_sets):
     """A conversation (messages) reaches the model only through its chat template. The scripts call this once
     the template is known, so that a mismatch is found before the weights load, naming the file and line."""
-    for rows in row_sets if template != "chat" else ():
+    if template == "chat":
+        return
+    for rows in row_sets:
         row = next((r for r in rows or () if isinstance(r, dict) and r.get("messages")), None)
         if row:
-            raise UserError(f"{row.get('where', row.get('line'))}: conversation data (messages) needs --template "
-                            f"chat (this run formats prompts as {template})")
+            raise UserError(f"{_where(row)}: conversation data (messages) needs --template chat (this run "
+                            f"formats prompts as {template})")
 
 
 def format_prompt(tokenizer, row, template):
@@ -919,7 +928,7 @@ def build_example(tokenizer, row, template, max_length, train_on_inputs=False):
             before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
             through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
             if not (before.startswith(done) and through.startswith(before)):
-                raise UserError(f"{row.get('where', row['line'])}: the chat template does not render this conversation "
+                raise UserError(f"{_where(row)}: the chat template does not render this conversation "
                                 f"turn by turn, so its assistant turns cannot be labelled")
             for text, learn in ((before[len(done):], train_on_inputs), (through[len(before):], True)):
                 piece = tokenizer(text, add_special_tokens=False)["input_ids"]

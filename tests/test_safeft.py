@@ -447,6 +447,12 @@ def test_run_main_closes_the_process_group_that_a_run_opened(tmp_path):
     with pytest.raises(SystemExit):
         h.run_main(opens_a_group, parser, ["--n", "1"])
     assert not dist.is_initialized()
+    # A group the caller opened before main() (a notebook's or a launcher's own) is left for the caller to close.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store-caller", rank=0, world_size=1)
+    try:
+        assert h.run_main(lambda args: dist.is_initialized(), parser, []) is True and dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_common_args_help_shows_defaults():
