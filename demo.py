@@ -452,12 +452,10 @@ def sweep_report(args, size, out, cells, evals, times):
 def plot_sweep(cells, results, base, out):
     """Every measure against the harmful share: one line per defence with its 95% band, one row of panels per
     epoch count, the base model as a grey line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: an in-process call never switches a notebook's backend
     epochs = sorted({c[2] for c in cells})
-    fig, axes = plt.subplots(len(epochs), len(MEASURES), figsize=(4.2 * len(MEASURES), 3.6 * len(epochs)),
-                             squeeze=False)
+    fig = Figure(figsize=(4.2 * len(MEASURES), 3.6 * len(epochs)), layout="tight")
+    axes = fig.subplots(len(epochs), len(MEASURES), squeeze=False)
     for row, ep in zip(axes, epochs):
         for ax, (measure, (title, _, _)) in zip(row, MEASURES.items()):
             ax.axhline(base[measure]["rate"], color="grey", ls=":", label="base model")
@@ -478,12 +476,8 @@ def plot_sweep(cells, results, base, out):
             ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("share (95% Wilson band)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        with atomic_file(out, ".png") as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_file(out, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def describe_layers(layers):

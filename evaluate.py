@@ -348,14 +348,13 @@ def comparison_mismatches(runs, paths):
 
 def plot_comparison(runs, labels, out, overwrite):
     """Grouped bars, one group per rate and one bar per run, each with its 95% interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: an in-process call never switches a notebook's backend
     metrics = [("harmful rate\n(with content)", "harmful", "harmful_rate"),
                ("any compliance", "harmful", "any_compliance_rate"), ("over-refusal", "over_refusal", "refusal_rate"),
                ("template echo\n(benign prompts)", "over_refusal", "template_echo"),
                ("task accuracy", "task", "accuracy")]
-    fig, ax = plt.subplots(figsize=(4 + 1.4 * len(metrics) + 0.3 * len(runs), 4.5))
+    fig = Figure(figsize=(4 + 1.4 * len(metrics) + 0.3 * len(runs), 4.5), layout="tight")
+    ax = fig.subplots()
     width = 0.8 / len(runs)
     for j, (run, label) in enumerate(zip(runs, labels)):
         shares = [lookup(run["summary"], part, key) or lookup(run["summary"], part, "classes", key) or {}
@@ -369,12 +368,8 @@ def plot_comparison(runs, labels, out, overwrite):
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of answers (95% Wilson interval)")
     ax.legend(fontsize=8, loc="upper center", ncol=min(len(runs), 5), bbox_to_anchor=(0.5, -0.12), frameon=False)
-    fig.tight_layout()
-    try:
-        with safeft.atomic_file(out, ".png", overwrite=overwrite) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    with safeft.atomic_file(out, ".png", overwrite=overwrite) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def compare(args):
@@ -415,7 +410,7 @@ def read_parts(args):
     for row in parts["task"] or []:
         row["reference"] = reference_answer(row)
         if row["reference"] is None:
-            raise UserError(f"{args.task}:{row['line']}: no reference answer (an 'answer' field or a response "
+            raise UserError(f"{row['where']}: no reference answer (an 'answer' field or a response "
                             f"with a number)")
     if not any(parts.values()):
         raise UserError("nothing to evaluate: --harmful, --over-rejection and --task are all skipped")

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import matplotlib
 import pytest
 import torch
 
@@ -596,7 +597,13 @@ def test_compare_two_runs_and_plot(judged_run, tmp_path, capsys):
     other_path = tmp_path / "tuned.json"
     other_path.write_text(json.dumps(other))
     plot = tmp_path / "compare.png"
-    table = ev.main(["--compare", path, str(other_path), "--plot", str(plot)])
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's inline backend, which an in-process call must leave alone
+    try:
+        table = ev.main(["--compare", path, str(other_path), "--plot", str(plot)])
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
     out = capsys.readouterr().out
     assert table in out and f"wrote {plot}" in out
     assert f"| known | {ev.fmt_share(ev.share(2, 6))} |" in table
@@ -680,6 +687,12 @@ def test_empty_and_bad_data(tiny_llama, data_files, tmp_path, capsys):
     no_answer = write_jsonl(tmp_path / "task.jsonl", [{"prompt": "p", "response": "no number"}])
     expect_user_error(["--model", tiny_llama, "--skip-harmful", "--skip-over-rejection", "--task", no_answer],
                       f"{no_answer}:1", "reference answer", capsys=capsys)
+    import pyarrow  # a file without lines: the row is named by its number
+    import pyarrow.parquet
+    no_answer = str(tmp_path / "task.parquet")
+    pyarrow.parquet.write_table(pyarrow.table({"prompt": ["p", "q"], "answer": ["4", "none"]}), no_answer)
+    expect_user_error(["--model", tiny_llama, "--skip-harmful", "--skip-over-rejection", "--task", no_answer],
+                      f"{no_answer}: row 2: no reference answer", capsys=capsys)
     expect_user_error(["--model", tiny_llama, "--harmful", "", "--over-rejection", "", "--task", ""],
                       "nothing to evaluate", capsys=capsys)
     expect_user_error(["--model", tiny_llama, *data_args(data_files), "--skip-harmful", "--judge-model", tiny_llama],
