@@ -76,24 +76,39 @@ def repo_path(relative):
 
 def quiet_libraries():
     """The output of a run is our own lines and progress bars: library warnings are for library developers.
-    Must run before bitsandbytes is imported (it logs a failed optional kernel download at import)."""
+    Must run before bitsandbytes is imported (it logs a failed optional kernel download at import). Returns a
+    function that puts it all back: a notebook that calls main() keeps its own logging and warnings."""
+    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "transformers", "peft", "accelerate",
+                                              "torch.distributed.elastic")]
+    levels, advisory = [lg.level for lg in loggers], "TRANSFORMERS_NO_ADVISORY_WARNINGS" in os.environ
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for name in ("bitsandbytes", "transformers", "peft", "accelerate", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)  # transformers' verbosity is its logger's level
+    caught = warnings.catch_warnings()
+    caught.__enter__()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*(deprecat|will be removed|torch_dtype).*")
-    with contextlib.suppress(Exception):
-        import transformers
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+
+    def restore():
+        caught.__exit__(None, None, None)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if not advisory:
+            os.environ.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return restore
 
 
 def run_main(procedure, parser, argv, resume_hint=None):
     """Parses argv and runs procedure(args): a UserError is one line on stderr and exit code 2, Ctrl-C one
     line that says what was kept (resume_hint(args) gives it) and exit code 130."""
     args = parser.parse_args(argv)
-    quiet_libraries()
+    restore_libraries = quiet_libraries()
     distributed = torch.distributed.is_available()
     group_was_open = distributed and torch.distributed.is_initialized()  # a caller's own group is the caller's
     try:
@@ -111,6 +126,7 @@ def run_main(procedure, parser, argv, resume_hint=None):
         # about 1 run in 10 on CPU), and torchrun then kills the others, process 0 perhaps before it saved.
         if distributed and not group_was_open and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        restore_libraries()
 
 
 # -- flags: one vocabulary for every script --

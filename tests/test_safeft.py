@@ -455,6 +455,39 @@ def test_run_main_closes_the_process_group_that_a_run_opened(tmp_path):
         dist.destroy_process_group()
 
 
+def test_run_main_quiets_the_libraries_only_while_it_runs():
+    """A notebook that calls main() keeps its own logging, warnings and progress bars afterwards."""
+    import argparse
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    logger, seen = logging.getLogger("transformers"), {}
+    level, bars = logger.level, hf_logging.is_progress_bar_enabled()
+
+    def procedure(args):
+        seen.update(level=logger.level, bars=hf_logging.is_progress_bar_enabled())
+        warnings.warn("a library's deprecation", FutureWarning, stacklevel=2)
+        raise h.UserError("bad input")
+
+    logger.setLevel(logging.INFO)
+    hf_logging.enable_progress_bar()
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            filters = list(warnings.filters)
+            with pytest.raises(SystemExit):
+                h.run_main(procedure, argparse.ArgumentParser(), [])
+            assert not shown  # quiet while it ran
+            assert warnings.filters == filters and logger.level == logging.INFO
+            assert hf_logging.is_progress_bar_enabled()
+        assert seen == {"level": logging.ERROR, "bars": False}
+    finally:
+        logger.setLevel(level)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
 def test_common_args_help_shows_defaults():
     import argparse
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
