@@ -5,6 +5,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -48,4 +49,6 @@ def test_notebook_calls_every_script_with_accepted_flags():
 
 def test_notebook_passes_the_notebook_validator_when_available():
     nbformat = pytest.importorskip("nbformat")
-    nbformat.validate(nbformat.read(NOTEBOOK, as_version=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cell without an id is a warning now, an error in later nbformat
+        nbformat.validate(nbformat.read(NOTEBOOK, as_version=4))
