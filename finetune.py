@@ -450,7 +450,7 @@ def build_parser():
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = safeft.command_line(argv)  # the resume hint repeats it
     return safeft.run_main(finetune, build_parser(), argv, resume_hint=lambda args: resume_hint(args, argv))
 
 

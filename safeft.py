@@ -104,10 +104,18 @@ def quiet_libraries():
     return restore
 
 
+def command_line(argv):
+    """argv, else the command line's arguments. A notebook kernel's own (-f kernel.json) are not the user's:
+    main() called bare in a cell runs with every default."""
+    if argv is not None:
+        return list(argv)
+    return [] if "kernel_launcher" in os.path.basename(sys.argv[0]) else sys.argv[1:]  # ipykernel's, Colab's
+
+
 def run_main(procedure, parser, argv, resume_hint=None):
-    """Parses argv and runs procedure(args): a UserError is one line on stderr and exit code 2, Ctrl-C one
-    line that says what was kept (resume_hint(args) gives it) and exit code 130."""
-    args = parser.parse_args(argv)
+    """Parses argv (command_line) and runs procedure(args): a UserError is one line on stderr and exit code 2,
+    Ctrl-C one line that says what was kept (resume_hint(args) gives it) and exit code 130."""
+    args = parser.parse_args(command_line(argv))
     restore_libraries = quiet_libraries()
     distributed = torch.distributed.is_available()
     group_was_open = distributed and torch.distributed.is_initialized()  # a caller's own group is the caller's

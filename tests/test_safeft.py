@@ -488,6 +488,19 @@ def test_run_main_quiets_the_libraries_only_while_it_runs():
         (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
+def test_main_called_bare_in_a_notebook_runs_with_the_defaults(monkeypatch):
+    """A kernel's own arguments (-f kernel.json) would be an argparse error; a script's are the user's."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=7)
+    for launcher in ("/usr/lib/python3/site-packages/ipykernel_launcher.py", "/usr/local/colab_kernel_launcher.py"):
+        monkeypatch.setattr(sys, "argv", [launcher, "-f", "/root/.local/share/jupyter/runtime/kernel-1.json"])
+        assert h.run_main(lambda args: args.n, parser, None) == 7
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--n", "3"])
+    assert h.run_main(lambda args: args.n, parser, None) == 3
+    assert h.run_main(lambda args: args.n, parser, ["--n", "4"]) == 4
+
+
 def test_common_args_help_shows_defaults():
     import argparse
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
