@@ -78,25 +78,27 @@ def quiet_libraries():
     """The output of a run is our own lines and progress bars: library warnings are for library developers.
     Must run before bitsandbytes is imported (it logs a failed optional kernel download at import). Returns a
     function that puts it all back: a notebook that calls main() keeps its own logging and warnings."""
-    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "transformers", "peft", "accelerate",
-                                              "torch.distributed.elastic")]
+    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "peft", "accelerate", "torch.distributed.elastic")]
     levels, advisory = [lg.level for lg in loggers], "TRANSFORMERS_NO_ADVISORY_WARNINGS" in os.environ
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for logger in loggers:
-        logger.setLevel(logging.ERROR)  # transformers' verbosity is its logger's level
+        logger.setLevel(logging.ERROR)
+    # transformers through its own calls: its first logging call sets its logger's level, over one set before
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     caught = warnings.catch_warnings()
     caught.__enter__()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*(deprecat|will be removed|torch_dtype).*")
-    from transformers.utils import logging as hf_logging
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
 
     def restore():
         caught.__exit__(None, None, None)
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        hf_logging.set_verbosity(verbosity)
         if not advisory:
             os.environ.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
         if bars:

@@ -488,6 +488,18 @@ def test_run_main_quiets_the_libraries_only_while_it_runs():
         (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
+def test_quiet_libraries_holds_in_a_process_that_has_not_imported_transformers_yet():
+    """transformers sets its logger's level at its first logging call: a level set before that is overwritten,
+    and its warnings (transformers 5.24: 'past_key_values ... deprecated' in every locate_layers.py run) showed."""
+    code = ("import safeft; restore = safeft.quiet_libraries()\n"
+            "from transformers.utils import logging\n"
+            "logging.get_logger('transformers.models').warning('library noise')\n"
+            "restore(); logging.get_logger('transformers.models').warning('shown again')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "library noise" not in result.stderr and "shown again" in result.stderr
+
+
 def test_main_called_bare_in_a_notebook_runs_with_the_defaults(monkeypatch):
     """A kernel's own arguments (-f kernel.json) would be an argparse error; a script's are the user's."""
     import argparse
