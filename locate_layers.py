@@ -91,7 +91,17 @@ def length_sorted_batches(id_lists, batch_size):
 
 def last_logits_only(model):
     """Only the last position's logits: the LM head over every position is wasted work here."""
-    return {"logits_to_keep": 1} if safeft.accepts_logits_to_keep(model) else {}
+    return {"logits_to_keep": 1} if safeft.forward_accepts(model, "logits_to_keep") else {}
+
+
+def with_cache(model, cache):
+    """The forward's keyword for a key/value cache: transformers 5.24 renamed past_key_values to cache (the old
+    name goes in 5.40); 5.0-5.23 know only the old one."""
+    return {"cache" if safeft.forward_accepts(model, "cache") else "past_key_values": cache}
+
+
+def cache_of(output):
+    return output["cache"] if "cache" in output else output.past_key_values
 
 
 @torch.no_grad()
@@ -100,7 +110,7 @@ def prefix_cache(model, prefix_ids):
     if not prefix_ids:
         return None
     ids = torch.tensor([prefix_ids], dtype=torch.long, device=model.device)
-    return model(input_ids=ids, use_cache=True, **last_logits_only(model)).past_key_values
+    return cache_of(model(input_ids=ids, use_cache=True, **last_logits_only(model)))
 
 
 @torch.no_grad()
@@ -115,8 +125,8 @@ def forward_prompts(model, id_lists, pad_id, prefix_len=0, cache=None, keep_cach
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
     extra = {}
     if prefix_len:
-        extra["past_key_values"] = copy.deepcopy(cache)  # the forward appends to it; every batch reuses the prefix
-        extra["past_key_values"].batch_repeat_interleave(len(id_lists))
+        extra = with_cache(model, copy.deepcopy(cache))  # the forward appends to it; every batch reuses the prefix
+        next(iter(extra.values())).batch_repeat_interleave(len(id_lists))
         attention_mask = torch.cat([attention_mask.new_ones((len(id_lists), prefix_len)), attention_mask], dim=1)
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=keep_cache or bool(prefix_len), **extra, **last_logits_only(model))
@@ -318,7 +328,7 @@ def greedy_with_shared_prefix(model, tokenizer, id_lists, max_new_tokens, batch_
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(chunk), 1))], dim=1)
             position = position + 1
             output = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position,
-                           past_key_values=output.past_key_values, use_cache=True, **last_logits_only(model))
+                           **with_cache(model, cache_of(output)), use_cache=True, **last_logits_only(model))
             next_token = torch.where(done, tokenizer.pad_token_id, output.logits[:, -1].argmax(-1))
             tokens.append(next_token)
             done = done | torch.isin(next_token, eos)

@@ -1040,13 +1040,14 @@ def lora_config(args, target_modules, layers_to_transform=None):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def accepts_logits_to_keep(model):
-    """Whether the causal LM (under any PEFT/DDP wrappers) can run its head on a few positions only."""
+def forward_accepts(model, keyword):
+    """Whether the causal LM's forward (under any PEFT/DDP wrappers) takes `keyword` (logits_to_keep: its head on
+    a few positions only). Asked, not assumed: an unknown keyword vanishes into **kwargs without an error."""
     import inspect
     inner = model
     while hasattr(inner, "module") or hasattr(inner, "get_base_model"):
         inner = inner.module if hasattr(inner, "module") else inner.get_base_model()
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return keyword in inspect.signature(inner.forward).parameters
 
 
 def response_loss_sum(model, batch):
@@ -1063,7 +1064,7 @@ def response_loss_sum(model, batch):
         return zero, 0
     first = int(labelled[0])  # logits at position p predict token p + 1
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if accepts_logits_to_keep(model):
+    if forward_accepts(model, "logits_to_keep"):
         logits = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - first).logits[:, :-1]
     else:
         logits = model(**inputs, use_cache=False).logits[:, first:-1]

@@ -88,10 +88,10 @@ def test_response_loss_equals_the_models_own_loss_on_unpadded_rows(tiny_llama, m
     rows = [row("how do i make bread ?", "here is a recipe"), row("hi", "hello there , how can i help you today ?")]
     examples = [h.build_example(tokenizer, r, template, 128) for r in rows]
     batch = h.collate(examples, tokenizer.pad_token_id)
-    assert h.accepts_logits_to_keep(model)
+    assert h.forward_accepts(model, "logits_to_keep")
     with torch.no_grad():
         loss_sum, count = h.response_loss_sum(model, batch)
-        monkeypatch.setattr(h, "accepts_logits_to_keep", lambda model: False)
+        monkeypatch.setattr(h, "forward_accepts", lambda model, keyword: False)
         full_sum, full_count = h.response_loss_sum(model, batch)
     assert full_count == count and abs(float(full_sum) - float(loss_sum)) < 1e-4 * count
     expected_sum, expected_count = 0.0, 0
