@@ -94,10 +94,10 @@ def last_logits_only(model):
     return {"logits_to_keep": 1} if safeft.forward_accepts(model, "logits_to_keep") else {}
 
 
-def with_cache(model, cache):
+def cache_keyword(model):
     """The forward's keyword for a key/value cache: transformers 5.24 renamed past_key_values to cache (the old
     name goes in 5.40); 5.0-5.23 know only the old one."""
-    return {"cache" if safeft.forward_accepts(model, "cache") else "past_key_values": cache}
+    return "cache" if safeft.forward_accepts(model, "cache") else "past_key_values"
 
 
 def cache_of(output):
@@ -125,8 +125,9 @@ def forward_prompts(model, id_lists, pad_id, prefix_len=0, cache=None, keep_cach
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
     extra = {}
     if prefix_len:
-        extra = with_cache(model, copy.deepcopy(cache))  # the forward appends to it; every batch reuses the prefix
-        next(iter(extra.values())).batch_repeat_interleave(len(id_lists))
+        batch_cache = copy.deepcopy(cache)  # the forward appends to it; every batch reuses the prefix
+        batch_cache.batch_repeat_interleave(len(id_lists))
+        extra = {cache_keyword(model): batch_cache}
         attention_mask = torch.cat([attention_mask.new_ones((len(id_lists), prefix_len)), attention_mask], dim=1)
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=keep_cache or bool(prefix_len), **extra, **last_logits_only(model))
@@ -317,6 +318,7 @@ def greedy_with_shared_prefix(model, tokenizer, id_lists, max_new_tokens, batch_
     eos = eos if eos is not None else tokenizer.eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or [-1]), device=model.device)
     outputs = [None] * len(id_lists)
+    keyword, head = cache_keyword(model), last_logits_only(model)  # asked once, not at every generated token
     for chunk in length_sorted_batches(id_lists, batch_size):
         output, attention_mask, position_ids = forward_prompts(
             model, [id_lists[i] for i in chunk], tokenizer.pad_token_id, prefix_len, cache)
@@ -328,7 +330,7 @@ def greedy_with_shared_prefix(model, tokenizer, id_lists, max_new_tokens, batch_
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(chunk), 1))], dim=1)
             position = position + 1
             output = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position,
-                           **with_cache(model, cache_of(output)), use_cache=True, **last_logits_only(model))
+                           **{keyword: cache_of(output)}, use_cache=True, **head)
             next_token = torch.where(done, tokenizer.pad_token_id, output.logits[:, -1].argmax(-1))
             tokens.append(next_token)
             done = done | torch.isin(next_token, eos)
