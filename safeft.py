@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
@@ -298,10 +299,11 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False):
         raise UserError(f"{flag}: cannot write {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag}: cannot write {path}: {existing} is not writable")
-    # Delete the .tmp-<pid>-* entries whose process is gone (left by a run killed while saving).
+    # Delete the .tmp-<pid>-<host>-* entries whose process is gone (left by a run killed while saving). Only this
+    # host's: on a shared file system another machine's pid says nothing here, and its save may be under way.
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        parts = name.split("-", 2)
-        if len(parts) < 3 or parts[0] != ".tmp" or not parts[1].isdigit():
+        parts = name.split("-", 3)
+        if len(parts) < 4 or parts[0] != ".tmp" or not parts[1].isdigit() or parts[2] != _host_tag():
             continue
         with contextlib.suppress(OSError):  # ProcessLookupError, PermissionError
             os.kill(int(parts[1]), 0)
@@ -311,9 +313,13 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False):
             shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
 
 
+def _host_tag():
+    return socket.gethostname().replace("-", "_") or "host"  # no "-": the name's fields are split on it
+
+
 def _temp_prefix(path):
-    # The pid in the name lets a later run remove what a killed one (kill -9) left behind.
-    return f".tmp-{os.getpid()}-{os.path.basename(os.path.abspath(path))}-"
+    # The pid and host in the name let a later run on this machine remove what a killed one (kill -9) left behind.
+    return f".tmp-{os.getpid()}-{_host_tag()}-{os.path.basename(os.path.abspath(path))}-"
 
 
 def usual_mode(is_dir):

@@ -368,15 +368,23 @@ def test_unusable_output_locations_are_found_before_the_work(tmp_path, monkeypat
 
 
 def test_leftovers_of_a_killed_run_are_removed(tmp_path):
-    """kill -9 while saving leaves .tmp-<pid>-* behind; the next run's check removes those of dead processes."""
+    """kill -9 while saving leaves .tmp-<pid>-<host>-* behind; the next run's check removes those of dead processes
+    on this host, and leaves another host's alone (a shared file system: its pid means nothing here)."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    (tmp_path / f".tmp-{dead}-adapter-abc").mkdir()
-    (tmp_path / f".tmp-{dead}-adapter-abc" / "adapter_model.safetensors").write_bytes(b"")
-    (tmp_path / f".tmp-{dead}-eval.json-x.json").write_text("{")
-    (tmp_path / f".tmp-{os.getpid()}-live").mkdir()  # a running process's work in progress stays
+    host = h._host_tag()
+    (tmp_path / f".tmp-{dead}-{host}-adapter-abc").mkdir()
+    (tmp_path / f".tmp-{dead}-{host}-adapter-abc" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / f".tmp-{dead}-{host}-eval.json-x.json").write_text("{")
+    kept = [f".tmp-{os.getpid()}-{host}-live",  # a running process's work in progress
+            f".tmp-{dead}-other_node-adapter-def"]  # another machine saving into the same folder
+    for name in kept:
+        (tmp_path / name).mkdir()
     h.check_output_location(str(tmp_path / "adapter"), overwrite=False, is_dir=True)
-    assert sorted(os.listdir(tmp_path)) == [f".tmp-{os.getpid()}-live"]
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    # what this process writes carries the same tag, so a later run here can clean it up
+    with h.atomic_file(str(tmp_path / "x.json")) as tmp:
+        assert os.path.basename(tmp).startswith(f".tmp-{os.getpid()}-{host}-x.json-")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
