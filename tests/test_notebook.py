@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 
+import safeft
 from conftest import ROOT
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
@@ -29,6 +30,12 @@ def notebook_calls():
                 if match and match.group(1) in SCRIPTS:
                     calls.append((match.group(1), shlex.split(match.group(2))))
     return calls
+
+
+def code_lines():
+    with open(NOTEBOOK) as f:
+        cells = json.load(f)["cells"]
+    return [line for c in cells if c["cell_type"] == "code" for line in "".join(c["source"]).splitlines()]
 
 
 def accepted_flags(name):
@@ -52,3 +59,20 @@ def test_notebook_passes_the_notebook_validator_when_available():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a cell without an id is a warning now, an error in later nbformat
         nbformat.validate(nbformat.read(NOTEBOOK, as_version=4))
+
+
+def test_notebook_shell_lines_survive_ipython_expansion():
+    """IPython evaluates {...} in a ! line as Python and puts a notebook variable in for $NAME: a shell brace list
+    (part{1,2}) became 'part(1, 2)', a syntax error that stopped the whole install line."""
+    lines = code_lines()
+    defined = {m.group(1) for line in lines if (m := re.match(r"([A-Za-z_]\w*)\s*=", line))}
+    for line in (line.strip() for line in lines if line.strip().startswith("!")):
+        assert "{" not in line and "}" not in line, f"IPython would evaluate the braces in: {line}"
+        assert set(re.findall(r"\$(\w+)", line)) <= defined, f"undefined $ variable in: {line}"
+
+
+def test_notebook_installs_the_embedded_aligned_model():
+    """The install line names every part the module needs for --model qwen-coder-0.5b, at the pinned version."""
+    wanted = {word for word in safeft.EMBEDDED_MODELS["qwen-coder-0.5b"]["install"].split() if "==" in word}
+    assert len(wanted) == 6
+    assert any(wanted <= set(line.split()) for line in code_lines() if line.strip().startswith("!pip"))
