@@ -708,6 +708,7 @@ def convert_gguf(path):
     target = os.path.join(cache_root(), f"{os.path.basename(path)[:-5]}-{key}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
+    broken = os.path.exists(target)  # there now without config.json: no conversion, replace it
     print(f"converting {path} to a safetensors model in {target} (once)", file=sys.stderr)
     folder, name = os.path.split(path)
     try:
@@ -721,9 +722,13 @@ def convert_gguf(path):
     config.dtype = torch.float32
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    with output_dir(target, overwrite=True) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    try:
+        with output_dir(target, overwrite=broken) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except UserError:  # another process (torchrun's other ranks) finished first, maybe loading it now: keep theirs
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            raise
     return target
 
 

@@ -162,6 +162,40 @@ def test_model_path_errors(tmp_path):
         h.load_config("no-such-org/no-such-model")  # offline: one line, no library traceback
 
 
+def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, monkeypatch):
+    """torchrun starts every rank on a new .gguf at once: each converts it, and the first to finish may already be
+    loading its folder when the next one finishes. The later one keeps that folder instead of swapping it away."""
+    import hashlib
+
+    import transformers
+    gguf_file, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    gguf_file.write_bytes(b"GGUF")
+    stat = os.stat(gguf_file)
+    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    theirs = cache / f"m-{key}"
+
+    class StandIn:  # the tokenizer, the config, the GGUF model and the plain model: each writes one file
+        def save_pretrained(self, folder):
+            with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+                f.write("{}")
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):  # the other rank's conversion lands while this one works
+            theirs.mkdir(parents=True)
+            (theirs / "config.json").write_text('{"winner": true}')
+
+    monkeypatch.setenv("SAFE_FT_CACHE", str(cache))
+    for loader, name in ((transformers.AutoTokenizer, "from_pretrained"), (transformers.AutoConfig, "from_pretrained"),
+                         (transformers.AutoModelForCausalLM, "from_pretrained"),
+                         (transformers.AutoModelForCausalLM, "from_config")):
+        monkeypatch.setattr(loader, name, lambda *a, **k: StandIn())
+    assert h.convert_gguf(str(gguf_file)) == str(theirs)
+    assert json.loads((theirs / "config.json").read_text()) == {"winner": True}  # untouched
+    assert os.listdir(theirs) == ["config.json"] and os.listdir(cache) == [theirs.name]  # no temporary folder left
+
+
 def test_gguf_that_transformers_cannot_load(tmp_path, monkeypatch):
     import gguf
     path = str(tmp_path / "odd.gguf")
