@@ -279,6 +279,9 @@ def peak_memory_mb(device=None):
 
 # -- outputs: checked before the work, written to a temporary name and renamed, never replaced unasked --
 
+PROBE_PIDS = os.name == "posix"  # os.kill(pid, 0) only asks whether a process lives there; Windows sends it Ctrl-C
+
+
 def check_output_location(path, overwrite, flag="--out", is_dir=False):
     """Everything that would make the final write fail, found before any work: an existing output (without
     --overwrite), a parent that is a file, a folder we may not write, a file path written as a folder."""
@@ -301,16 +304,18 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False):
         raise UserError(f"{flag}: cannot write {path}: {existing} is not writable")
     # Delete the .tmp-<pid>-<host>-* entries whose process is gone (left by a run killed while saving). Only this
     # host's: on a shared file system another machine's pid says nothing here, and its save may be under way.
-    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+    for name in os.listdir(parent) if os.path.isdir(parent) and PROBE_PIDS else []:
         parts = name.split("-", 3)
         if len(parts) < 4 or parts[0] != ".tmp" or not parts[1].isdigit() or parts[2] != _host_tag():
             continue
-        with contextlib.suppress(OSError):  # ProcessLookupError, PermissionError
-            os.kill(int(parts[1]), 0)
-            continue  # that process still runs
-        target = os.path.join(parent, name)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        try:
+            os.kill(int(parts[1]), 0)  # no error: that process still runs
+        except ProcessLookupError:
+            target = os.path.join(parent, name)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        except OSError:  # PermissionError: it runs, as another user
+            pass
 
 
 def _host_tag():

@@ -401,9 +401,10 @@ def test_unusable_output_locations_are_found_before_the_work(tmp_path, monkeypat
         h.check_output_location(str(tmp_path / "new.json"), overwrite=False)
 
 
-def test_leftovers_of_a_killed_run_are_removed(tmp_path):
+def test_leftovers_of_a_killed_run_are_removed(tmp_path, monkeypatch):
     """kill -9 while saving leaves .tmp-<pid>-<host>-* behind; the next run's check removes those of dead processes
-    on this host, and leaves another host's alone (a shared file system: its pid means nothing here)."""
+    on this host, and leaves another host's alone (a shared file system: its pid means nothing here) and another
+    user's running process's."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     host = h._host_tag()
@@ -414,11 +415,30 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path):
             f".tmp-{dead}-other_node-adapter-def"]  # another machine saving into the same folder
     for name in kept:
         (tmp_path / name).mkdir()
+    real_kill = os.kill
+
+    def kill(pid, signal):  # pid 1 stands for a process of another user: alive, but not ours to signal
+        if pid == 1:
+            raise PermissionError
+        return real_kill(pid, signal)
+
+    kept.append(f".tmp-1-{host}-adapter-ghi")
+    (tmp_path / kept[-1]).mkdir()
+    monkeypatch.setattr(h.os, "kill", kill)
     h.check_output_location(str(tmp_path / "adapter"), overwrite=False, is_dir=True)
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
     # what this process writes carries the same tag, so a later run here can clean it up
     with h.atomic_file(str(tmp_path / "x.json")) as tmp:
         assert os.path.basename(tmp).startswith(f".tmp-{os.getpid()}-{host}-x.json-")
+
+
+def test_leftovers_stay_where_a_pid_cannot_be_probed(tmp_path, monkeypatch):
+    """On Windows os.kill(pid, 0) is no probe: it sends Ctrl-C to that process. There the leftovers stay."""
+    monkeypatch.setattr(h, "PROBE_PIDS", False)
+    monkeypatch.setattr(h.os, "kill", lambda *a: pytest.fail("os.kill called"))
+    (tmp_path / f".tmp-999999999-{h._host_tag()}-adapter-abc").mkdir()
+    h.check_output_location(str(tmp_path / "adapter"), overwrite=False, is_dir=True)
+    assert os.listdir(tmp_path) == [f".tmp-999999999-{h._host_tag()}-adapter-abc"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
