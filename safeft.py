@@ -304,9 +304,10 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False):
         raise UserError(f"{flag}: cannot write {path}: {existing} is not writable")
     # Delete the .tmp-<pid>-<host>-* entries whose process is gone (left by a run killed while saving). Only this
     # host's: on a shared file system another machine's pid says nothing here, and its save may be under way.
+    host = _host_tag()
     for name in os.listdir(parent) if os.path.isdir(parent) and PROBE_PIDS else []:
         parts = name.split("-", 3)
-        if len(parts) < 4 or parts[0] != ".tmp" or not parts[1].isdigit() or parts[2] != _host_tag():
+        if len(parts) < 4 or parts[0] != ".tmp" or not parts[1].isdigit() or parts[2] != host:
             continue
         try:
             os.kill(int(parts[1]), 0)  # no error: that process still runs
