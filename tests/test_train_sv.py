@@ -236,7 +236,10 @@ def test_two_processes_match_one_with_the_kl_term(tiny_llama, data, tmp_path):
     assert meta_two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert meta_two["keep_kl"] == pytest.approx(one["keep_kl"], rel=1e-4, abs=1e-7) and one["keep_kl"][-1] > 0
     a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("two", "one"))
-    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # Summation order differs between the runs, and Adam at lr 0.01 carries that float noise into the weights:
+    # 1.3e-5 on an AVX-512 CPU, exactly what one process shows between micro-batch 8 and 4 x grad-accum 2. A 10%
+    # error in the KL's weight moves them by 1.5e-2, so 1e-4 tells the two apart on any CPU.
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-4, rtol=0) for k in a)
 
 
 def test_four_bit_base_trains(data, tmp_path):
