@@ -79,7 +79,7 @@ def quiet_libraries():
     """The output of a run is our own lines and progress bars: library warnings are for library developers.
     Must run before bitsandbytes is imported (it logs a failed optional kernel download at import). Returns a
     function that puts it all back: a notebook that calls main() keeps its own logging and warnings."""
-    # kernels (transformers' hub kernel loader) warns on every 4-bit load while offline that it skips a trust check
+    # kernels (bitsandbytes fetches its CPU 4-bit kernel with it) warns offline that it skips a trust check
     loggers = [logging.getLogger(n) for n in ("bitsandbytes", "peft", "accelerate", "kernels",
                                               "torch.distributed.elastic")]
     levels, advisory = [lg.level for lg in loggers], "TRANSFORMERS_NO_ADVISORY_WARNINGS" in os.environ
