@@ -31,7 +31,6 @@ import textwrap
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 import safeft
 import safeft_judge
@@ -129,37 +128,25 @@ def at_budget(tokenizer, answers, max_new_tokens):
     return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 2 for a in answers)
 
 
-@torch.no_grad()
 def response_loss(model, tokenizer, rows, template, batch_size, max_length):
     """Token-weighted mean loss of the reference responses: every answer token counts once."""
     examples = sorted((safeft.build_example(tokenizer, r, template, max_length) for r in rows),
                       key=lambda e: len(e["input_ids"]))
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="response loss", leave=False):
-        batch = safeft.collate(examples[start:start + batch_size], tokenizer.pad_token_id)
-        loss_sum, count = safeft.response_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-        total, tokens = total + float(loss_sum), tokens + count
-    mean = total / tokens if tokens else None  # every response truncated away by --max-length
+    mean, tokens = safeft.token_mean(model, safeft.response_loss_sum, examples, tokenizer.pad_token_id, batch_size,
+                                     "response loss")
     return {"response_loss": mean, "perplexity": math.exp(mean) if mean is not None else None,
             "response_tokens": tokens, "loss_rows": len(examples)}
 
 
 # -- adapters and the settings they recorded, checked against the base model's config before any weights --
 
-def read_adapter(path):
-    """find_adapter's record plus whether its meta file records its base model's fingerprint."""
+def read_adapter(path, config):
+    """find_adapter's record, its base model checked against --model's config; a full model is named as one."""
     has = {name: os.path.isfile(os.path.join(path, name)) for name in ("adapter_config.json", "config.json")}
     if has["config.json"] and not has["adapter_config.json"]:
         raise UserError(f"--adapter: {path} has a config.json and no adapter_config.json: it is a full model "
                         f"(finetune.py --method full), pass it as --model {path}")
-    adapter = safeft.find_adapter(path, "--adapter")
-    adapter["meta"] = adapter["meta"] or {}
-    adapter["fingerprint_checked"] = isinstance(adapter["meta"].get("fingerprint"), dict)
-    if not adapter["fingerprint_checked"]:
-        print(f"warning: --adapter {path} records no fingerprint of its base model, so it is checked only when "
-              f"loading", file=sys.stderr)
-    return adapter
+    return safeft.find_adapter(path, "--adapter", config)
 
 
 def recorded_setting(sources, key, flag):
@@ -491,11 +478,8 @@ def evaluate(args):
         raise UserError("--judge-model: nothing to judge, the harmful part is skipped")
     # Curly apostrophes read as straight: the same phrases typed either way give the same recorded hash.
     phrases = tuple(p.replace("\u2019", "'") for p in safeft.load_refusal_phrases(args.refusal_phrases))
-    adapters = [read_adapter(path) for path in args.adapter]
     config = safeft.load_config(args.model)
-    for adapter in adapters:
-        if adapter["fingerprint_checked"]:
-            safeft.check_fingerprint(adapter["meta"]["fingerprint"], config, f"--adapter {adapter['path']}")
+    adapters = [read_adapter(path, config) for path in args.adapter]
     followed = followed_settings(args, adapters)
     notes = [note for rows in parts.values() if rows for note in rows.notes]
     if args.max_new_tokens < 64 and (parts["harmful"] or parts["over_refusal"]):

@@ -86,23 +86,6 @@ def read_freeze(spec, num_layers):
     return freeze, frozen
 
 
-def read_security_vectors(path, config, template):
-    """--security-vectors DIR -> find_adapter()'s dict, its base model checked against --model's config."""
-    if not path:
-        return None
-    vectors = safeft.find_adapter(path, "--security-vectors")
-    meta = vectors["meta"] or {}
-    if not isinstance(meta.get("fingerprint"), dict):
-        print(f"warning: --security-vectors: {path} records no base model (no sv_meta.json), so it cannot be "
-              f"checked against --model", file=sys.stderr)
-    else:
-        safeft.check_fingerprint(meta["fingerprint"], config, f"--security-vectors {path}")
-    if meta.get("template") not in (None, template):
-        print(f"warning: the security vectors were trained with --template {meta['template']}, this run uses "
-              f"{template}: they work best with the prompt format they were trained on", file=sys.stderr)
-    return vectors
-
-
 def checkpoint_root(args):
     return args.checkpoint_dir or os.path.abspath(args.out).rstrip(os.sep) + "-checkpoints"
 
@@ -348,7 +331,8 @@ def finetune(args):
     num_layers = len(safeft.decoder_layers(shell))
     targets = safeft.pick_target_modules(shell, args.lora_target_modules)
     freeze, frozen = read_freeze(args.freeze_layers, num_layers)
-    vectors = read_security_vectors(args.security_vectors, config, template)
+    vectors = args.security_vectors and safeft.find_adapter(args.security_vectors, "--security-vectors", config,
+                                                            template)
     examples = safeft.build_examples(tokenizer, rows, template, args.max_length, "--data")
     if args.train_on_inputs:  # every token is a target, the prompt's (and user turns') too, but the first: once
         # left-padded, nothing real comes before it, and a padding position would be asked to predict it

@@ -862,13 +862,6 @@ def model_fingerprint(config):
             "hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
 
 
-def check_fingerprint(expected, config, source):
-    actual = model_fingerprint(config)
-    wrong = [f"{k} {expected.get(k)} != {actual[k]}" for k in actual if k in expected and expected[k] != actual[k]]
-    if wrong:
-        raise UserError(f"{source} was made for another base model ({'; '.join(wrong)})")
-
-
 def parse_layer_range(text, flag):
     """'6-12' or '7' -> (6, 12) / (7, 7): 0-based and inclusive everywhere."""
     parts = str(text).replace(" ", "").split("-")
@@ -886,10 +879,11 @@ def check_layers_within(start, end, num_layers, flag):
                         f"(0-based, inclusive)")
 
 
-def find_adapter(path, flag):
+def find_adapter(path, flag, config=None, template=None, made_by=None):
     """A PEFT LoRA adapter folder (ours at its root, or PEFT's one-named-subfolder layout) and the JSON of what
-    made it (sv_meta.json or train_log.json, when there) -> {"path", "adapter_dir", "config", "meta", "meta_file"}
-    (meta_file: that JSON's name, None without one)."""
+    made it (sv_meta.json or train_log.json, when there) -> {"path", "adapter_dir", "config", "meta" ({} without
+    one), "meta_file" (its name, or None), "fingerprint_checked"}. made_by = (format, file) that JSON must be;
+    with --model's config the recorded base model must match it; another recorded template is a warning."""
     if not os.path.isdir(path):
         raise UserError(f"{flag}: {path} is not a folder")
     adapter_dir = path
@@ -901,15 +895,29 @@ def find_adapter(path, flag):
     weights = ("adapter_model.safetensors", "adapter_model.bin")
     if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in weights):
         raise UserError(f"{flag}: no adapter_model.safetensors in {adapter_dir}")
-    config = read_json_file(os.path.join(adapter_dir, "adapter_config.json"), flag)
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    adapter_config = read_json_file(os.path.join(adapter_dir, "adapter_config.json"), flag)
+    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
         # Several adapters can be active at once in one PeftModel only when all are LoRA.
-        raise UserError(f"{flag}: {path} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+        raise UserError(f"{flag}: {path} is not a LoRA adapter (peft_type {adapter_config.get('peft_type')!r})")
     meta_file = next((n for n in ("sv_meta.json", "train_log.json") if os.path.isfile(os.path.join(path, n))), None)
-    meta = read_json_file(os.path.join(path, meta_file), flag) if meta_file else None
-    if meta_file and not isinstance(meta, dict):
+    meta = read_json_file(os.path.join(path, meta_file), flag) if meta_file else {}
+    if not isinstance(meta, dict):
         raise UserError(f"{flag}: {os.path.join(path, meta_file)} is not a JSON object")
-    return {"path": path, "adapter_dir": adapter_dir, "config": config, "meta": meta, "meta_file": meta_file}
+    if made_by and meta.get("format") != made_by[0]:
+        raise UserError(f"{flag}: {path} has no {made_by[0]} {made_by[1]}")
+    expected, checked = meta.get("fingerprint"), isinstance(meta.get("fingerprint"), dict)
+    if config is not None and checked:
+        actual = model_fingerprint(config)
+        wrong = [f"{k} {expected.get(k)} != {actual[k]}" for k in actual if k in expected and expected[k] != actual[k]]
+        if wrong:
+            raise UserError(f"{flag} {path} was made for another base model ({'; '.join(wrong)})")
+    elif config is not None:
+        print(f"warning: {flag} {path} records no base model, so it is checked only when it loads", file=sys.stderr)
+    if template and meta.get("template") not in (None, template):
+        print(f"warning: {flag} {path} was trained with --template {meta['template']}, this run uses {template}: "
+              f"an adapter works best with the prompt format it was trained on", file=sys.stderr)
+    return {"path": path, "adapter_dir": adapter_dir, "config": adapter_config, "meta": meta, "meta_file": meta_file,
+            "fingerprint_checked": checked}
 
 
 # -- prompts: one formatting for every script --
@@ -1091,6 +1099,19 @@ def response_loss_sum(model, batch):
     keep = targets != -100
     loss = torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
     return loss, int(keep.sum())
+
+
+@torch.no_grad()
+def token_mean(model, measure, examples, pad_token_id, batch_size, desc=None):
+    """(the token-weighted mean over examples of measure(model, batch) -> (sum, tokens), the tokens), batch by
+    batch; the mean is None when there was no token (every answer truncated away)."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=desc is None):
+        batch = collate(examples[start:start + batch_size], pad_token_id)
+        value, count = measure(model, {k: v.to(device) for k, v in batch.items()})
+        total, tokens = total + float(value), tokens + count
+    return (total / tokens if tokens else None), tokens
 
 
 def trainer_class():

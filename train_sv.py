@@ -61,17 +61,6 @@ CHECK_MAX_NEW_TOKENS = 64
 EVAL_BATCH_SIZE = 16  # no-gradient passes (the check) hold no activations for backward, so larger batches fit
 
 
-def read_resume(path, config):
-    """The security vectors being continued, checked against --model's config before the weights load."""
-    found = safeft.find_adapter(path, "--resume")
-    meta = found["meta"] or {}
-    if meta.get("format") != SV_FORMAT:
-        raise UserError(f"--resume: {path} has no {SV_FORMAT} sv_meta.json "
-                        f"(not a train_sv.py output)")
-    safeft.check_fingerprint(meta.get("fingerprint", {}), config, f"--resume {path}")
-    return found
-
-
 def keep_examples(tokenizer, rows, template, max_length):
     """Benign sequences for the KL term: the whole exchange when a row has an answer, else the formatted prompt.
     Only input_ids matter (the KL covers every real token); labels are there for collate()."""
@@ -183,20 +172,8 @@ def train_vectors(peft_model, examples, keep, args, keep_weight, pad_token_id, o
             "warmup_steps": training_args.get_warmup_steps(trainer.state.max_steps)}
 
 
-@torch.no_grad()
-def token_mean(model, measure, examples, pad_token_id, batch_size):
-    """The token-weighted mean over examples of measure(model, batch) -> (sum, tokens), batch by batch."""
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = safeft.collate(examples[start:start + batch_size], pad_token_id)
-        value, count = measure(model, {k: v.to(device) for k, v in batch.items()})
-        total, tokens = total + float(value), tokens + count
-    return total / max(tokens, 1)
-
-
 def keep_kl_sum(peft_model, batch):
-    """(keep_kl summed over the batch's real tokens, their number), for token_mean."""
+    """(keep_kl summed over the batch's real tokens, their number), for safeft.token_mean."""
     keep = {k: v for k, v in batch.items() if k != "labels"}
     tokens = int(keep["attention_mask"].sum())
     return keep_kl(peft_model, keep) * tokens, tokens
@@ -209,7 +186,7 @@ def run_check(peft_model, tokenizer, template, train_examples, check_rows, args,
     pad, size = tokenizer.pad_token_id, args.eval_batch_size
 
     def mean_response_loss(examples):  # the number the vectors' "consistency" is about
-        return token_mean(peft_model, safeft.response_loss_sum, examples, pad, size)
+        return safeft.token_mean(peft_model, safeft.response_loss_sum, examples, pad, size)[0]
 
     check = {"train_rows": len(train_examples), "train_loss_active": mean_response_loss(train_examples)}
     with peft_model.disable_adapter():
@@ -236,7 +213,7 @@ def run_check(peft_model, tokenizer, template, train_examples, check_rows, args,
                       "answers": answers})  # every answer and verdict, so a reader can check them
     if keep:
         check["keep_rows"] = len(keep[:args.check_limit])
-        check["keep_kl"] = token_mean(peft_model, keep_kl_sum, keep[:args.check_limit], pad, size)
+        check["keep_kl"] = safeft.token_mean(peft_model, keep_kl_sum, keep[:args.check_limit], pad, size)[0]
     return check
 
 
@@ -272,7 +249,8 @@ def run(args):
                   if check_path else [])
     phrases = safeft.load_refusal_phrases(args.refusal_phrases)
     config = safeft.load_config(args.model)
-    resume = read_resume(args.resume, config) if args.resume else None
+    resume = args.resume and safeft.find_adapter(  # the vectors to continue, checked before the weights load
+        args.resume, "--resume", config, made_by=(SV_FORMAT, "sv_meta.json (not a train_sv.py output)"))
     target_modules = None if resume else safeft.pick_target_modules(safeft.meta_model(config),
                                                                     args.lora_target_modules)
     tokenizer, template = safeft.load_tokenizer(args.model, args.template)

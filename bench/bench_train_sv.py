@@ -96,9 +96,9 @@ def run(quick=False, model_name="smollm2"):
         vectors = vectors_on(model_name, args)
         with tempfile.TemporaryDirectory() as scratch:
             train_sv.train_vectors(vectors, examples, None, args, 0.0, pad, scratch)
-        active = train_sv.token_mean(vectors, safeft.response_loss_sum, examples[:32], pad, 16)
+        active, _ = safeft.token_mean(vectors, safeft.response_loss_sum, examples[:32], pad, 16)
         with vectors.disable_adapter():
-            inactive = train_sv.token_mean(vectors, safeft.response_loss_sum, examples[:32], pad, 16)
+            inactive, _ = safeft.token_mean(vectors, safeft.response_loss_sum, examples[:32], pad, 16)
         results.append({"figure": "response loss, 32 train rows, 1 epoch (vectors vs base)", "ours": active,
                         "baseline": inactive, "unit": "nats/token"})
     for row in results:

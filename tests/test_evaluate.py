@@ -530,7 +530,8 @@ def adapters(tmp_path_factory, tiny_llama):
 def test_several_adapters_are_all_active(tiny_llama, adapters):
     from peft import PeftModel
     model = safeft.load_model(tiny_llama)
-    both, names = ev.attach_adapters(model, [ev.read_adapter(adapters["a"]), ev.read_adapter(adapters["b"])])
+    config = model.config
+    both, names = ev.attach_adapters(model, [ev.read_adapter(adapters[k], config) for k in "ab"])
     assert names == ["adapter0", "adapter1"] and list(both.base_model.active_adapters) == names
     merged = safeft.load_model(tiny_llama)
     for path in (adapters["a"], adapters["b"]):  # reference: merge one after the other into the weights

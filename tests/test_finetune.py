@@ -386,14 +386,14 @@ def test_security_vectors_without_a_record_or_with_another_template_are_warnings
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (folder / "adapter_model.safetensors").write_bytes(b"")
-    assert ft.read_security_vectors(str(folder), config, "chat")["meta"] is None
-    assert "records no base model (no sv_meta.json)" in capsys.readouterr().err
+    assert safeft.find_adapter(str(folder), "--security-vectors", config, "chat")["meta"] == {}
+    assert "records no base model" in capsys.readouterr().err
     (folder / "sv_meta.json").write_text(json.dumps({"format": "security-vectors/v1", "template": "alpaca",
                                                      "fingerprint": safeft.model_fingerprint(config)}))
-    ft.read_security_vectors(str(folder), config, "chat")
+    safeft.find_adapter(str(folder), "--security-vectors", config, "chat")
     err = capsys.readouterr().err
     assert "trained with --template alpaca, this run uses chat" in err and "records no base model" not in err
-    ft.read_security_vectors(str(folder), config, "alpaca")
+    safeft.find_adapter(str(folder), "--security-vectors", config, "alpaca")
     assert capsys.readouterr().err == ""
 
 

@@ -318,7 +318,7 @@ def test_find_adapter_layouts_and_what_it_refuses(tmp_path):
     assert found["meta"] == {"format": "security-vectors/v1"}
     adapter(tmp_path / "peft" / "default", weights="adapter_model.bin")  # PEFT's one-named-subfolder layout
     found = h.find_adapter(str(tmp_path / "peft"), "--adapter")
-    assert found["adapter_dir"] == str(tmp_path / "peft" / "default") and found["meta"] is None
+    assert found["adapter_dir"] == str(tmp_path / "peft" / "default") and found["meta"] == {}
     adapter(tmp_path / "peft" / "second")
     with pytest.raises(h.UserError, match="^--adapter: no adapter_config.json"):  # two: which one is meant?
         h.find_adapter(str(tmp_path / "peft"), "--adapter")

@@ -117,8 +117,8 @@ def test_adapter_at_root_reloads_with_same_logits(trained, tiny_llama):
             without_vectors = model(**batch).logits
     assert not torch.allclose(with_vectors, without_vectors, atol=1e-4)  # the adapter is really applied
     # the same loss the check reported, recomputed from the reloaded adapter (--check-limit 4: the first 4 rows)
-    reloaded = train_sv.token_mean(model, safeft.response_loss_sum, examples_of(tokenizer, template, HARMFUL[:4]),
-                                   tokenizer.pad_token_id, 8)
+    reloaded, _ = safeft.token_mean(model, safeft.response_loss_sum, examples_of(tokenizer, template, HARMFUL[:4]),
+                                    tokenizer.pad_token_id, 8)
     assert reloaded == pytest.approx(meta["check"]["train_loss_active"], rel=1e-5)
 
 
