@@ -181,20 +181,9 @@ def followed_settings(args, adapters):
 def attach_adapters(model, adapters):
     """Every adapter loaded into one PeftModel and all active at once: nothing is merged, each LoRA delta is
     applied on the (possibly 4-bit) base and they add up, as finetune.py keeps security vectors active."""
-    if not adapters:
-        return model, []
-    from peft import PeftModel
     names = [f"adapter{i}" for i in range(len(adapters))]
     for adapter, name in zip(adapters, names):
-        try:
-            if name == names[0]:
-                model = PeftModel.from_pretrained(model, adapter["adapter_dir"], adapter_name=name, is_trainable=False)
-            else:
-                model.load_adapter(adapter["adapter_dir"], adapter_name=name, is_trainable=False)
-        except (RuntimeError, ValueError, KeyError, OSError) as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            reason = next((line for line in lines if "size mismatch" in line), lines[0])
-            raise UserError(f"--adapter {adapter['path']}: does not fit this base model ({reason[:300]})")
+        model = safeft.load_adapter(model, adapter, name, "--adapter")
     if len(names) > 1:
         model.base_model.set_adapter(names, inference_mode=True)
     return model.eval(), names
@@ -450,12 +439,9 @@ def measure(model, tokenizer, template, parts, args, phrases, task_tokens, judge
             classified(part, rows, answers, phrases, args.examples)
         summary[part]["at_budget"] = at_budget(tokenizer, answers, tokens)
         timing[part] = time.time() - start
-    if judge is not None:
+    if judge:
         start = time.time()
-        verdicts, raw = safeft_judge.judge_verdicts(judge, [r["prompt"] for r in records["harmful"]],
-                                       [r["generation"] for r in records["harmful"]], args.batch_size)
-        for record, verdict, said in zip(records["harmful"], verdicts, raw):
-            record["judge"], record["judge_output"] = verdict, said
+        safeft_judge.judge_records(judge, records["harmful"], args.batch_size)
         summary["harmful"]["judge"] = judge_summary(records["harmful"], args.examples)
         timing["judge"] = time.time() - start
     with_reference = [row for row in parts["task"] or [] if row.get("response") and args.response_loss]
@@ -493,9 +479,7 @@ def evaluate(args):
     safeft.check_output_location(md_out, args.overwrite)
 
     # 3. Load: the judge first (it fails fast), the tokenizer and template, the model, every adapter active.
-    judge = None
-    if args.judge_model:
-        judge = safeft_judge.load_judge(args.judge_model, args.judge_unsafe_labels, args.judge_input)
+    judge = args.judge_model and safeft_judge.load_judge(args.judge_model, args.judge_unsafe_labels, args.judge_input)
     safeft.set_seed(args.seed)
     load_start = time.time()
     tokenizer, template = safeft.load_tokenizer(args.model, followed["template"])
@@ -535,9 +519,7 @@ def evaluate(args):
         "rules_sha256": hashlib.sha256(json.dumps(safeft_judge.ANSWER_RULES, sort_keys=True).encode()
                                        ).hexdigest(),
         "answer_extraction": "number after the last '####', else the last number; commas, '$', trailing .0 dropped",
-        "judge": {"name": judge["name"], "kind": judge["kind"], "input": judge["input"],
-                  "unsafe_labels": [judge["labels"][i] for i in judge.get("unsafe_label_ids", [])] or None
-                  } if judge else None,
+        "judge": safeft_judge.judge_settings(judge) if judge else None,
         "notes": notes, "seed": args.seed, "device": str(next(model.parameters()).device),
         "created_at": safeft.now_iso(), "versions": safeft.library_versions()}
     peak, peak_kind = safeft.peak_memory_mb()
@@ -600,15 +582,7 @@ def build_parser():
                         help="example answers per class and run in the reports (first 200 characters)")
     parser.add_argument("--refusal-phrases", default=None, metavar="FILE",
                         help="file with one decline phrase per line (# comments) replacing the built-in list")
-    parser.add_argument("--judge-model", default=None,
-                        help="second opinion on the harmful answers, reported beside the rule's with a count of "
-                             "disagreements: a Hugging Face sequence classifier (labels containing unsafe/harmful/"
-                             "toxic/... and not negated mean unsafe) or a causal LM answering safe/unsafe (a guard "
-                             "model's own chat template when it mentions 'unsafe', as Llama Guard's does)")
-    parser.add_argument("--judge-unsafe-labels", default=None,
-                        help="comma-separated label names of a classifier judge that mean unsafe (overrides the rule)")
-    parser.add_argument("--judge-input", default="response", choices=("response", "pair"),
-                        help="what a classifier judge reads: the response alone, or the (prompt, response) pair")
+    safeft_judge.add_judge_args(parser)
     parser.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                         help="print earlier evaluate.py results side by side: rates with 95%% intervals, classes, "
                              "example answers (no model loaded)")

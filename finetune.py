@@ -148,14 +148,9 @@ def attach_adapters(model, args, targets, frozen, vectors):
     """After this exactly the weights to train require grad. LoRA: the task adapter on the projections of the
     blocks not frozen. Full: every weight but the frozen blocks' attention and MLP (norms train, as in SPPFT).
     With security vectors their adapter takes part in every forward, frozen, in both modes."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
     if vectors:
-        try:
-            model = PeftModel.from_pretrained(model, vectors["adapter_dir"], adapter_name=SV_ADAPTER,
-                                              is_trainable=False)
-        except (ValueError, RuntimeError, KeyError, OSError) as e:
-            raise UserError(f"--security-vectors: cannot load {args.security_vectors} onto this model "
-                            f"({str(e).splitlines()[0][:200]})")
+        model = safeft.load_adapter(model, vectors, SV_ADAPTER, "--security-vectors")
     if args.method == "lora":
         keep = [i for i in range(len(safeft.decoder_layers(model))) if i not in frozen]
         config = safeft.lora_config(args, targets, layers_to_transform=keep if frozen else None)

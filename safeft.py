@@ -920,6 +920,21 @@ def find_adapter(path, flag, config=None, template=None, made_by=None):
             "fingerprint_checked": checked}
 
 
+def load_adapter(model, adapter, name, flag, trainable=False):
+    """find_adapter's adapter loaded into model under `name`: the model becomes a PeftModel, or gains one more
+    adapter if it is one. An adapter of another shape is one line naming the flag (the size mismatch, if any)."""
+    from peft import PeftModel
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter["adapter_dir"], adapter_name=name, is_trainable=trainable)
+            return model
+        return PeftModel.from_pretrained(model, adapter["adapter_dir"], adapter_name=name, is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "size mismatch" in line), lines[0])
+        raise UserError(f"{flag} {adapter['path']}: does not fit this base model ({reason[:300]})")
+
+
 # -- prompts: one formatting for every script --
 
 def resolve_template(tokenizer, template):

@@ -192,6 +192,32 @@ def parse_guard_verdict(text):
     return "unparsed" if not match else "safe" if match.group(1) == "safe" else "unsafe"
 
 
+def judge_records(judge, records, batch_size):
+    """Adds the judge's verdict ("judge") and raw output ("judge_output") to each record of a harmful answer."""
+    verdicts, raw = judge_verdicts(judge, [r["prompt"] for r in records], [r["generation"] for r in records],
+                                   batch_size)
+    for record, verdict, said in zip(records, verdicts, raw):
+        record["judge"], record["judge_output"] = verdict, said
+
+
+def judge_settings(judge):
+    """What the eval JSON records of the judge (the model itself stays out)."""
+    return {"name": judge["name"], "kind": judge["kind"], "input": judge["input"],
+            "unsafe_labels": [judge["labels"][i] for i in judge.get("unsafe_label_ids", [])] or None}
+
+
+def add_judge_args(parser):
+    parser.add_argument("--judge-model", default=None,
+                        help="second opinion on the harmful answers, reported beside the rule's with a count of "
+                             "disagreements: a Hugging Face sequence classifier (labels containing unsafe/harmful/"
+                             "toxic/... and not negated mean unsafe) or a causal LM answering safe/unsafe (a guard "
+                             "model's own chat template when it mentions 'unsafe', as Llama Guard's does)")
+    parser.add_argument("--judge-unsafe-labels", default=None,
+                        help="comma-separated label names of a classifier judge that mean unsafe (overrides the rule)")
+    parser.add_argument("--judge-input", default="response", choices=("response", "pair"),
+                        help="what a classifier judge reads: the response alone, or the (prompt, response) pair")
+
+
 @torch.no_grad()
 def judge_verdicts(judge, prompts, responses, batch_size):
     """A verdict (safe, unsafe, unparsed) and the judge's raw output per (prompt, response)."""

@@ -140,12 +140,12 @@ def vector_trainer_class():
     return SecurityVectorTrainer
 
 
-def attach_security_vectors(model, args, target_modules, resume_dir=None):
+def attach_security_vectors(model, args, target_modules, resume=None):
     """The prepared (frozen) base wrapped in a PeftModel whose only trainable weights are the security vectors:
-    new ones on target_modules, or the ones in resume_dir with their own rank, alpha and targets."""
-    from peft import PeftModel, get_peft_model
-    if resume_dir:
-        return PeftModel.from_pretrained(model, resume_dir, adapter_name=ADAPTER_NAME, is_trainable=True)
+    new ones on target_modules, or find_adapter's `resume` with their own rank, alpha and targets."""
+    from peft import get_peft_model
+    if resume:
+        return safeft.load_adapter(model, resume, ADAPTER_NAME, "--resume", trainable=True)
     return get_peft_model(model, safeft.lora_config(args, target_modules), adapter_name=ADAPTER_NAME)
 
 
@@ -269,7 +269,7 @@ def run(args):
     safeft.set_seed(args.seed)
     model = safeft.prepare_for_training(safeft.load_model(args.model, load_in_4bit), load_in_4bit, checkpointing)
     safeft.set_seed(args.seed)  # LoRA initialisation depends only on --seed
-    peft_model = attach_security_vectors(model, args, target_modules, resume and resume["adapter_dir"])
+    peft_model = attach_security_vectors(model, args, target_modules, resume)
     settings = adapter_settings(peft_model, target_modules)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     timing["load"] = round(time.time() - t0, 2)
