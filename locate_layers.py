@@ -33,6 +33,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -58,14 +59,13 @@ BATCH_SIZE = 32          # prompts per forward pass
 CLEAR_P = 0.05           # "clear" for --scale auto: exact two-sided McNemar test
 HIDDEN_STATES = ("raw output of each decoder block (forward hooks on decoder_layers(model)[i]; the last layer "
                  "without the final norm), at the last prompt token; embedding output skipped")
-INITIAL_RANGE_RULE = (
-    "95% intervals from a bootstrap over the pairs; early layers = the first max(2, round(K/10)); threshold = "
-    "their highest upper bound (noise) + their widest interval (margin); start = the first later layer whose "
-    "lower bound exceeds the threshold, as does the next layer's or the one after it (one noisy layer "
-    "tolerated); from start the range steps on while the next layer's gap is clearly higher (the step's lower "
-    "95% bound > 0) or, past one noisy step, the layer after it is clearly higher; end = the largest gap on that "
-    "rising stretch (its peak, or the first layer of its plateau). No start, or a rise up to the last layer = "
-    "no clear range")
+INITIAL_RANGE_RULE = ("95% intervals from a bootstrap over the pairs; early layers = the first max(2, round(K/10)); "
+                      "threshold = their highest upper bound (noise) + their widest interval (margin); start = the "
+                      "first later layer whose lower bound exceeds the threshold, as does the next layer's or the one "
+                      "after it (one noisy layer tolerated); from start the range steps on while the next layer's gap "
+                      "is clearly higher (the step's lower 95% bound > 0) or, past one noisy step, the layer after it "
+                      "is clearly higher; end = the largest gap on that rising stretch (its peak, or the first layer "
+                      "of its plateau). No start, or a rise up to the last layer = no clear range")
 
 
 # -- prompts as token ids; the prefix they all share (system prompt, template preamble) runs once --
@@ -84,20 +84,11 @@ def shared_prefix_length(id_lists):
     return n
 
 
-def length_sorted_batches(id_lists, batch_size):
-    order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))  # similar lengths pad less
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def last_logits_only(model):
-    """Only the last position's logits: the LM head over every position is wasted work here."""
-    return {"logits_to_keep": 1} if safeft.forward_accepts(model, "logits_to_keep") else {}
-
-
-def cache_keyword(model):
-    """The forward's keyword for a key/value cache: transformers 5.24 renamed past_key_values to cache (the old
-    name goes in 5.40); 5.0-5.23 know only the old one."""
-    return "cache" if safeft.forward_accepts(model, "cache") else "past_key_values"
+def forward_keywords(model):
+    """(key/value cache keyword, head keywords) of this model's forward: transformers 5.24 renamed past_key_values to
+    cache (the old name goes in 5.40; 5.0-5.23 know only it); the LM head over every position is wasted work here."""
+    return ("cache" if safeft.forward_accepts(model, "cache") else "past_key_values",
+            {"logits_to_keep": 1} if safeft.forward_accepts(model, "logits_to_keep") else {})
 
 
 def cache_of(output):
@@ -105,36 +96,33 @@ def cache_of(output):
 
 
 @torch.no_grad()
-def prefix_cache(model, prefix_ids):
-    """The key/value cache of the shared prefix (under whatever hooks are active); None without a prefix."""
-    if not prefix_ids:
-        return None
-    ids = torch.tensor([prefix_ids], dtype=torch.long, device=model.device)
-    return cache_of(model(input_ids=ids, use_cache=True, **last_logits_only(model)))
-
-
-@torch.no_grad()
-def forward_prompts(model, id_lists, pad_id, prefix_len=0, cache=None, keep_cache=True):
-    """One forward over left-padded prompts; with a prefix cache only the tokens after the shared prefix run.
-    Returns (output, attention_mask, position_ids)."""
-    suffixes = [ids[prefix_len:] for ids in id_lists]
-    width = max(map(len, suffixes))
-    input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in suffixes], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=model.device)
-    # Positions count real tokens only, as generate() does, so padding never shifts a prompt.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
-    extra = {}
+def forward_batches(model, id_lists, pad_id, batch_size, prefix_len=0, keep_cache=True, desc=None):
+    """Forwards the prompts left-padded in batches of similar lengths (less padding), yielding (prompt indices,
+    output, attention_mask, position_ids) per batch. With prefix_len (shared_prefix_length()) the prefix runs once
+    and each batch only the tokens after it, from a copy of the prefix's key/value cache."""
+    keyword, head = forward_keywords(model)
     if prefix_len:
-        batch_cache = copy.deepcopy(cache)  # the forward appends to it; every batch reuses the prefix
-        batch_cache.batch_repeat_interleave(len(id_lists))
-        extra = {cache_keyword(model): batch_cache}
-        attention_mask = torch.cat([attention_mask.new_ones((len(id_lists), prefix_len)), attention_mask], dim=1)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=keep_cache or bool(prefix_len), **extra, **last_logits_only(model))
-    return output, attention_mask, position_ids
+        ids = torch.tensor([id_lists[0][:prefix_len]], dtype=torch.long, device=model.device)
+        prefix_cache = cache_of(model(input_ids=ids, use_cache=True, **head))
+    order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=desc is None):
+        chunk = order[start:start + batch_size]
+        suffixes = [id_lists[i][prefix_len:] for i in chunk]
+        width = max(map(len, suffixes))
+        input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in suffixes], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=model.device)
+        # Positions count real tokens only, as generate() does, so padding never shifts a prompt.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
+        extra = {}
+        if prefix_len:
+            extra[keyword] = copy.deepcopy(prefix_cache)  # the forward appends to it; every batch reuses the prefix
+            extra[keyword].batch_repeat_interleave(len(chunk))
+            attention_mask = torch.cat([attention_mask.new_ones((len(chunk), prefix_len)), attention_mask], dim=1)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=keep_cache or bool(prefix_len), **extra, **head)
+        yield chunk, output, attention_mask, position_ids
 
 
-@torch.no_grad()
 def prefix_sharing_works(model, id_lists, pad_id, probe=4):
     """(ok, why): the shared-prefix path against a plain batched forward on a few prompts' next-token logits, so
     that a model whose cache does not share this way is run in full rather than given wrong hidden states."""
@@ -143,11 +131,11 @@ def prefix_sharing_works(model, id_lists, pad_id, probe=4):
         return False, "the prompts share no token prefix"
     sample = sorted(id_lists, key=len)[:: max(1, len(id_lists) // probe)][:probe]  # mixed lengths: padding matters
     try:
-        shared = forward_prompts(model, sample, pad_id, prefix_len, prefix_cache(model, sample[0][:prefix_len]))
+        shared = next(forward_batches(model, sample, pad_id, probe, prefix_len))[1].logits[:, -1].float()
     except Exception as e:  # a cache that cannot be copied or repeated this way: run every prompt in full, say why
         return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    plain = forward_prompts(model, sample, pad_id, keep_cache=False)[0].logits[:, -1].float()
-    diff = (shared[0].logits[:, -1].float() - plain).abs().max().item()
+    plain = next(forward_batches(model, sample, pad_id, probe, keep_cache=False))[1].logits[:, -1].float()
+    diff = (shared - plain).abs().max().item()
     if diff > (1e-4 if model.dtype == torch.float32 else 3e-2) * (1 + plain.abs().max().item()):
         return False, f"shared-prefix logits differ from a plain forward by {diff:.3g}"
     return True, f"{prefix_len} shared prefix tokens run once"
@@ -158,20 +146,16 @@ def prefix_sharing_works(model, id_lists, pad_id, probe=4):
 @contextlib.contextmanager
 def capture_last_token(blocks):
     """Collects each block's raw output at the last position of every forward while active."""
-    captured = [[] for _ in blocks]
+    captured, index = [[] for _ in blocks], {block: i for i, block in enumerate(blocks)}
 
-    def make_hook(index):
-        def hook(module, inputs, output):
-            hidden = output[0] if isinstance(output, (tuple, list)) else output  # some blocks return a tuple
-            captured[index].append(hidden[:, -1, :].detach().float().cpu())
-        return hook
+    def hook(module, inputs, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output  # some blocks return a tuple
+        captured[index[module]].append(hidden[:, -1, :].detach().float().cpu())
 
-    handles = [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
-    try:
+    with contextlib.ExitStack() as hooks:  # removed however the body ends
+        for block in blocks:
+            hooks.enter_context(block.register_forward_hook(hook))
         yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -179,15 +163,12 @@ def last_token_states(model, tokenizer, rows, template, batch_size, share_prefix
     """float32 [prompts, K, hidden]: every block's raw output at each prompt's last token (left padding puts it in
     the last column)."""
     id_lists = tokenize_prompts(tokenizer, rows, template)
-    prefix_len = shared_prefix_length(id_lists) if share_prefix else 0
-    cache = prefix_cache(model, id_lists[0][:prefix_len])
-    states = [None] * len(rows)
-    for chunk in tqdm(length_sorted_batches(id_lists, batch_size), desc="hidden states", leave=False):
-        with capture_last_token(safeft.decoder_layers(model)) as captured:
-            forward_prompts(model, [id_lists[i] for i in chunk], tokenizer.pad_token_id, prefix_len, cache, False)
-        stacked = torch.stack([c[0] for c in captured], dim=1).numpy()
-        for row, i in enumerate(chunk):
-            states[i] = stacked[row]
+    prefix_len, states = shared_prefix_length(id_lists) if share_prefix else 0, [None] * len(rows)
+    with capture_last_token(safeft.decoder_layers(model)) as captured:  # [-1]: the latest batch (the prefix ran first)
+        for chunk, *_ in forward_batches(model, id_lists, tokenizer.pad_token_id, batch_size, prefix_len, False,
+                                         "hidden states"):
+            for i, state in zip(chunk, torch.stack([c[-1] for c in captured], dim=1).numpy()):
+                states[i] = state
     return np.stack(states).astype(np.float32)
 
 
@@ -203,32 +184,27 @@ def sample_pairs(n_first, n_second, count, rng, same_set):
     return first, first + 1 + (flat - starts[first])
 
 
-def unit_rows(states):
-    states = states.astype(np.float64)
-    return states / np.linalg.norm(states, axis=-1, keepdims=True)
-
-
-def pair_cosines(unit_first, unit_second, first, second):
-    """[pairs, K] cosines of unit_first[first[p]] and unit_second[second[p]] at every layer."""
-    return np.clip(np.einsum("pkh,pkh->pk", unit_first[first], unit_second[second]), -1.0, 1.0)
+def pair_cosines(states_first, states_second, first, second):
+    """[pairs, K] cosines of states_first[first[p]] and states_second[second[p]] at every layer (in float64)."""
+    unit = [rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+            for rows in (states_first[first].astype(np.float64), states_second[second].astype(np.float64))]
+    return np.clip(np.einsum("pkh,pkh->pk", *unit), -1.0, 1.0)
 
 
 def cosine_statistics(normal_states, malicious_states, pairs, seed, resamples=BOOTSTRAP):
-    """Per-layer cosine mean/std of NN, NM and MM pairs, the angle gap in degrees and [resamples, K] bootstrap gaps
-    (the NN and NM pairs resampled with replacement)."""
-    rng = np.random.default_rng(seed)
-    unit = {"n": unit_rows(normal_states), "m": unit_rows(malicious_states)}
-    index = {"nn": sample_pairs(len(normal_states), len(normal_states), pairs, rng, True),
-             "nm": sample_pairs(len(normal_states), len(malicious_states), pairs, rng, False),
-             "mm": sample_pairs(len(malicious_states), len(malicious_states), pairs, rng, True)}
-    cosines = {kind: pair_cosines(unit[kind[0]], unit[kind[1]], *index[kind]) for kind in index}
+    """Per-layer cosine mean ("nn", "nm", "mm") and std ("nn_std", ...) of the three pair types, their mean angle
+    ("angle_nn_deg", ...), the angle gap NM - NN in degrees and [resamples, K] bootstrap gaps (the NN and NM pairs
+    resampled with replacement)."""
+    rng, states = np.random.default_rng(seed), {"n": normal_states, "m": malicious_states}
+    index = {kind: sample_pairs(len(states[kind[0]]), len(states[kind[1]]), pairs, rng, kind[0] == kind[1])
+             for kind in ("nn", "nm", "mm")}
+    cosines = {kind: pair_cosines(states[kind[0]], states[kind[1]], *index[kind]) for kind in index}
     angles = {kind: np.degrees(np.arccos(c)) for kind, c in cosines.items()}
     weights = {kind: rng.multinomial(len(angles[kind]), np.full(len(angles[kind]), 1 / len(angles[kind])),
                                      size=resamples) / len(angles[kind]) for kind in ("nn", "nm")}
     return {"pairs_used": {kind: int(len(index[kind][0])) for kind in index},
-            "mean": {kind: c.mean(0) for kind, c in cosines.items()},
-            "std": {kind: c.std(0) for kind, c in cosines.items()},
-            "angle": {kind: a.mean(0) for kind, a in angles.items()},
+            **{kind: c.mean(0) for kind, c in cosines.items()}, **{f"{k}_std": c.std(0) for k, c in cosines.items()},
+            **{f"angle_{kind}_deg": a.mean(0) for kind, a in angles.items()},
             "gap_deg": angles["nm"].mean(0) - angles["nn"].mean(0),
             "gap_boot": weights["nm"] @ angles["nm"] - weights["nn"] @ angles["nn"]}
 
@@ -298,39 +274,31 @@ def scaled_projections(model, start, end, alpha):
         bias = getattr(module, "bias", None)
         return output * alpha if bias is None else (output - bias.to(output.dtype)) * alpha + bias.to(output.dtype)
 
-    handles = []
-    try:
-        for block in safeft.decoder_layers(model)[start:end + 1]:
-            handles += [module.register_forward_hook(hook) for module in projection_modules(block)]
+    with contextlib.ExitStack() as hooks:  # removed however the body ends (a hook handle is a context manager)
+        handles = [hooks.enter_context(module.register_forward_hook(hook))
+                   for block in safeft.decoder_layers(model)[start:end + 1] for module in projection_modules(block)]
         yield len(handles)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
 def greedy_with_shared_prefix(model, tokenizer, id_lists, max_new_tokens, batch_size):
     """Greedy continuations (decoded, stripped) of tokenised prompts, their shared prefix run once per call: the
     same tokens as generate_greedy() (positions count real tokens, finished rows stop at their EOS)."""
-    prefix_len = shared_prefix_length(id_lists)
-    cache = prefix_cache(model, id_lists[0][:prefix_len])
+    keyword, head = forward_keywords(model)  # asked once, not at every generated token
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or [-1]), device=model.device)
     outputs = [None] * len(id_lists)
-    keyword, head = cache_keyword(model), last_logits_only(model)  # asked once, not at every generated token
-    for chunk in length_sorted_batches(id_lists, batch_size):
-        output, attention_mask, position_ids = forward_prompts(
-            model, [id_lists[i] for i in chunk], tokenizer.pad_token_id, prefix_len, cache)
+    for chunk, output, attention_mask, position_ids in forward_batches(
+            model, id_lists, tokenizer.pad_token_id, batch_size, shared_prefix_length(id_lists)):
         next_token = output.logits[:, -1].argmax(-1)
-        tokens, done, position = [next_token], torch.isin(next_token, eos), position_ids[:, -1:]
-        for _ in range(max_new_tokens - 1):
+        tokens, done = [next_token], torch.isin(next_token, eos)
+        for step in range(1, max_new_tokens):
             if bool(done.all()):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(chunk), 1))], dim=1)
-            position = position + 1
-            output = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position,
-                           **{keyword: cache_of(output)}, use_cache=True, **head)
+            output = model(input_ids=next_token[:, None], attention_mask=attention_mask, use_cache=True, **head,
+                           position_ids=position_ids[:, -1:] + step, **{keyword: cache_of(output)})
             next_token = torch.where(done, tokenizer.pad_token_id, output.logits[:, -1].argmax(-1))
             tokens.append(next_token)
             done = done | torch.isin(next_token, eos)
@@ -345,26 +313,20 @@ def make_refusal_counter(model, tokenizer, rows, template, max_new_tokens, batch
     (start None: the unscaled model). Memoised; .texts holds the generations, .passes counts generation passes
     over all prompts and .forwards the model's forward calls."""
     id_lists = tokenize_prompts(tokenizer, rows, template)
-    memo = {}
 
     def count_forward(*_):
         refusal_flags.forwards += 1
 
     def refusal_flags(start, end, alpha):
         key = (None, None, 1.0) if start is None else (start, end, round(float(alpha), 6))
-        if key not in memo:
-            counting = model.register_forward_pre_hook(count_forward)
-            with contextlib.nullcontext() if start is None else scaled_projections(model, start, end, alpha):
-                try:
-                    refusal_flags.texts[key] = (
-                        greedy_with_shared_prefix(model, tokenizer, id_lists, max_new_tokens, batch_size)
-                        if share_prefix else
-                        safeft.generate_greedy(model, tokenizer, rows, template, max_new_tokens, batch_size))
-                finally:
-                    counting.remove()
-            memo[key] = [safeft.is_refusal(text, phrases) for text in refusal_flags.texts[key]]
+        if key not in refusal_flags.texts:
+            with (model.register_forward_pre_hook(count_forward),
+                  contextlib.nullcontext() if start is None else scaled_projections(model, start, end, alpha)):
+                refusal_flags.texts[key] = (
+                    greedy_with_shared_prefix(model, tokenizer, id_lists, max_new_tokens, batch_size) if share_prefix
+                    else safeft.generate_greedy(model, tokenizer, rows, template, max_new_tokens, batch_size))
             refusal_flags.passes += 1
-        return memo[key]
+        return [safeft.is_refusal(text, phrases) for text in refusal_flags.texts[key]]
 
     refusal_flags.texts, refusal_flags.passes, refusal_flags.forwards = {}, 0, 0
     return refusal_flags
@@ -435,25 +397,19 @@ def search_range(refusal_flags, initial, alpha, radius, num_layers, max_extra=MA
             "lower_sweep_spread": starts[most] - starts[fewest], "p_value": p_value, "clear": p_value < CLEAR_P}
 
 
-def scaling_search(counter, initial, num_layers, queries, scale, direction="auto", radius=SEARCH_RADIUS,
-                   max_extra=MAX_EXTRA_PASSES, step=SCALE_STEP, max_steps=MAX_SCALE_STEPS, log=print):
-    """Stage 2: the baseline, then the search at a fixed scale, or (scale 'auto') at 1 +- n * step, n = 1, 2, ...
-    until the start's sweep is clear or max_steps were tried. 'auto' takes its direction from the baseline (a
-    model refusing more than half the prompts has little room to refuse more) unless direction says."""
-    requested = set()
-
-    def refusal_flags(start, end, alpha):  # the counter memoises: one generation pass per distinct candidate
-        requested.add((start, end, round(float(alpha), 6)))
-        return counter(start, end, alpha)
-
-    baseline = int(sum(refusal_flags(None, None, 1.0)))
+def scaling_search(counter, initial, num_layers, args, log=print):
+    """Stage 2: the baseline, then the search at --scale, or (--scale auto) at 1 +- n x --scale-step, n = 1, 2, ...
+    until the start's sweep is clear or --max-scale-steps were tried. 'auto' takes its direction from the baseline
+    (a model refusing more than half the prompts has little room to refuse more) unless --scale-direction says."""
+    scale, direction, flags = args.scale, args.scale_direction, counter(None, None, 1.0)
+    baseline, queries = int(sum(flags)), len(flags)
     log(f"stage 2: the unscaled model refuses {baseline}/{queries} over-rejection prompts")
     if scale == "auto":
         up = baseline <= queries / 2 if direction == "auto" else direction == "up"
         chosen_by = (f"the baseline: {baseline}/{queries} refused, {'at most' if up else 'more than'} half"
                      if direction == "auto" else f"--scale-direction {direction}")
-        scales = [s for s in (round(1 + (1 if up else -1) * step * n, 6) for n in range(1, max_steps + 1)) if s > 0]
-        scales = scales or [round(1 - step, 6)]
+        # locate() has checked that scaling down by 1 - n x step keeps a positive factor
+        scales = [round(1 + (1 if up else -1) * args.scale_step * n, 6) for n in range(1, args.max_scale_steps + 1)]
     else:
         up, chosen_by, scales = scale > 1, f"--scale {scale:g}", [scale]
         if (up and baseline > 0.9 * queries) or (not up and baseline < 0.1 * queries):
@@ -462,7 +418,8 @@ def scaling_search(counter, initial, num_layers, queries, scale, direction="auto
     attempts = []
     for alpha in scales:
         with tqdm(desc=f"scaling search at {alpha:g}", unit="candidate", leave=False) as bar:
-            attempt = search_range(refusal_flags, initial, alpha, radius, num_layers, max_extra, lambda: bar.update(1))
+            attempt = search_range(counter, initial, alpha, args.search_radius, num_layers,
+                                   args.max_extra_passes, lambda: bar.update(1))
         attempts.append(attempt)
         for bound, key in (("end", "upper_sweep"), ("start", "lower_sweep")):
             tried = ", ".join(f"{r[bound]}:{r['refusals']}" for r in attempt[key])
@@ -471,6 +428,9 @@ def scaling_search(counter, initial, num_layers, queries, scale, direction="auto
                 f"({outcome['optimum']}: {outcome['why']})")
         if attempt["clear"]:
             break
+    # One generation pass per distinct candidate (the counter memoises) and the baseline's.
+    passes = 1 + len({(row["start"], row["end"], a["alpha"]) for a in attempts
+                      for row in a["upper_sweep"] + a["lower_sweep"]})
     if not attempt["clear"]:
         log(f"stage 2: the start's sweep is not clear (McNemar p = {attempt['p_value']:.3g} >= {CLEAR_P}) at scale "
             f"{attempt['alpha']:g}: the bounds it picked are weakly supported")
@@ -479,12 +439,11 @@ def scaling_search(counter, initial, num_layers, queries, scale, direction="auto
         "direction": {"scale": "up" if up else "down", "keep": f"{'most' if up else 'fewest'} refusals",
                       "chosen_by": chosen_by},
         "queries": queries, "baseline_refusals": baseline,
-        **{k: attempt[k] for k in ("upper_sweep", "lower_sweep", "upper_sweep_outcome", "lower_sweep_outcome",
-                                   "lower_sweep_spread", "p_value", "clear")},
+        **{k: v for k, v in attempt.items() if k not in ("alpha", "start", "end")},
         "clear_rule": f"exact two-sided McNemar test between the start candidates with the most and the fewest "
                       f"refusals, p < {CLEAR_P}",
-        "search_radius": radius, "max_extra_passes": max_extra, "attempts": attempts,
-        "cost": {"generation_passes": len(requested), "prompts_generated": len(requested) * queries,
+        "search_radius": args.search_radius, "max_extra_passes": args.max_extra_passes, "attempts": attempts,
+        "cost": {"generation_passes": passes, "prompts_generated": passes * queries,
                  "model_forward_calls": getattr(counter, "forwards", None),
                  "extra_passes": sum(a[k]["extra_passes"] for a in attempts
                                      for k in ("upper_sweep_outcome", "lower_sweep_outcome"))},
@@ -542,40 +501,23 @@ def freeze_exports(model, safety, about):
                                          "p.requires_grad_(not re.fullmatch(freeze_regex, name))"}}
 
 
-def output_paths(out):
-    stem = os.path.splitext(out)[0]
-    return {"json": out, "plot": stem + ".png", "peft": stem + ".peft.json", "axolotl": stem + ".axolotl.yaml",
-            "freeze": stem + ".freeze.json"}
-
-
-def write_exports(paths, exports, overwrite):
-    safeft.write_json_atomic(paths["freeze"], exports, overwrite)
-    if exports["peft_lora_config"]:
-        safeft.write_json_atomic(paths["peft"], exports["peft_lora_config"], overwrite)
-    lines = [f"# axolotl: train everything but the attention and MLP weights of the {exports['about']}",
-             "unfrozen_parameters:"] + [f"  - {json.dumps(p)}" for p in exports["axolotl_unfrozen_parameters"]]
-    safeft.write_text_atomic(paths["axolotl"], "\n".join(lines) + "\n", overwrite)
-
-
 # -- plot --
 
-def plot_results(path, report, cosine, overwrite):
+def plot_results(path, report, overwrite):
     """One PNG: cosine curves with std bands, the gap with its bootstrap band, every candidate of the search."""
-    import textwrap
-
     from matplotlib.figure import Figure  # no pyplot: never touches a notebook's backend
     layers, initial, final = np.arange(report["num_layers"]), report["initial_range"], report["safety_layers"]
-    rule, scaling = report["initial_range_rule"], report["scaling"]
+    rule, scaling, cosine = report["initial_range_rule"], report["scaling"], report["cosine"]
     fig = Figure(figsize=(10, 12), layout="constrained")
     ax_cos, ax_gap, ax_sweep = fig.subplots(3, 1)
     for kind, color, name in (("nn", "tab:blue", "normal-normal"), ("nm", "tab:red", "normal-malicious"),
                               ("mm", "tab:green", "malicious-malicious")):
-        mean, std = cosine["mean"][kind], cosine["std"][kind]
+        mean, std = np.asarray(cosine[kind]), np.asarray(cosine[kind + "_std"])
         ax_cos.plot(layers, mean, "o-", ms=3, color=color, label=name)
         ax_cos.fill_between(layers, mean - std, mean + std, color=color, alpha=0.12)
     ax_cos.set(ylabel="cosine similarity (mean +- std)")
-    ax_cos.set_title(f"{report['model']}: last-token hidden states (raw block outputs), {report['cosine']['pairs']} "
-                     f"pairs per type", fontsize=10)
+    ax_cos.set_title(f"{report['model']}: last-token hidden states (raw block outputs), {cosine['pairs']} pairs per "
+                     f"type", fontsize=10)
     ax_gap.plot(layers, cosine["gap_deg"], "o-", ms=3, color="black", label="gap = angle(NM) - angle(NN)")
     ax_gap.fill_between(layers, rule["gap_ci_low"], rule["gap_ci_high"], color="gray", alpha=0.3, label="95% interval")
     ax_gap.axhline(rule["threshold_deg"], color="tab:purple", ls="--", lw=1, label="early-layer noise + margin")
@@ -589,7 +531,23 @@ def plot_results(path, report, cosine, overwrite):
                       transform=ax_sweep.transAxes)
         ax_sweep.set_axis_off()
     else:
-        plot_sweeps(ax_sweep, scaling)
+        for attempt in scaling["attempts"]:  # refusals against the moving bound (faded: not the chosen scale)
+            fade = 1.0 if attempt["alpha"] == scaling["alpha"] else 0.25
+            for key, bound, color, marker in (("upper_sweep", "end", "tab:orange", "o"),
+                                              ("lower_sweep", "start", "tab:cyan", "s")):
+                rows, outcome = attempt[key], attempt[key + "_outcome"]
+                inside = [r for r in rows if outcome["first_window"][0] <= r[bound] <= outcome["first_window"][1]]
+                outside = [r for r in rows if r not in inside]
+                ax_sweep.plot([r[bound] for r in rows], [r["refusals"] for r in rows], "-", color=color, alpha=fade)
+                ax_sweep.plot([r[bound] for r in inside], [r["refusals"] for r in inside], marker, color=color,
+                              alpha=fade, label=f"scale {attempt['alpha']:g}, moving the {bound}: {outcome['optimum']}")
+                ax_sweep.plot([r[bound] for r in outside], [r["refusals"] for r in outside], marker, mfc="none",
+                              color=color, alpha=fade)
+        ax_sweep.axhline(scaling["baseline_refusals"], color="gray", ls="--", label="unscaled model")
+        ax_sweep.set(xlabel="the moving bound (layer; filled: first window, hollow: beyond it)",
+                     ylabel=f"refusals of {scaling['queries']} over-rejection prompts")
+        ax_sweep.set_title(f"scaling search at {scaling['alpha']:g} ({scaling['alpha_mode']}), McNemar p = "
+                           f"{scaling['p_value']:.3g}", fontsize=9)
     for ax in (ax_cos, ax_gap) + (() if scaling["skipped"] else (ax_sweep,)):
         ax.axvspan(initial["start"] - 0.5, initial["end"] + 0.5, color="gold", alpha=0.25, label=f"initial range "
                    f"{initial['start']}-{initial['end']}{' (fallback)' if report['fallback'] else ''}")
@@ -603,26 +561,6 @@ def plot_results(path, report, cosine, overwrite):
         fig.savefig(tmp, dpi=110)
 
 
-def plot_sweeps(ax, scaling):
-    """Refusals against the moving bound, both sweeps of every scale tried (faded: not the chosen scale)."""
-    for attempt in scaling["attempts"]:
-        fade = 1.0 if attempt["alpha"] == scaling["alpha"] else 0.25
-        for key, bound, color, marker in (("upper_sweep", "end", "tab:orange", "o"),
-                                          ("lower_sweep", "start", "tab:cyan", "s")):
-            rows, outcome = attempt[key], attempt[key + "_outcome"]
-            inside = [r for r in rows if outcome["first_window"][0] <= r[bound] <= outcome["first_window"][1]]
-            ax.plot([r[bound] for r in rows], [r["refusals"] for r in rows], "-", color=color, alpha=fade)
-            ax.plot([r[bound] for r in inside], [r["refusals"] for r in inside], marker, color=color, alpha=fade,
-                    label=f"scale {attempt['alpha']:g}, moving the {bound}: {outcome['optimum']}")
-            ax.plot([r[bound] for r in rows if r not in inside], [r["refusals"] for r in rows if r not in inside],
-                    marker, mfc="none", color=color, alpha=fade)
-    ax.axhline(scaling["baseline_refusals"], color="gray", ls="--", label="unscaled model")
-    ax.set(xlabel="the moving bound (layer; filled: first window, hollow: beyond it)",
-           ylabel=f"refusals of {scaling['queries']} over-rejection prompts")
-    ax.set_title(f"scaling search at {scaling['alpha']:g} ({scaling['alpha_mode']}), McNemar p = "
-                 f"{scaling['p_value']:.3g}", fontsize=9)
-
-
 # -- the procedure --
 
 def read_prompt_sets(args):
@@ -630,12 +568,11 @@ def read_prompt_sets(args):
     sets (from both: such a prompt stands for neither), with notes of what was dropped."""
     sets, data, notes = {}, {}, []
     for name, path, label in (("normal", args.normal, "safe"), ("malicious", args.malicious, "unsafe"),
-                              ("over_rejection", None if args.skip_scaling else args.over_rejection, "safe")):
-        if path is not None:
-            sets[name] = safeft.read_rows(path, args.prompt_field, limit=args.limit, flag="--" + name.replace("_", "-"),
-                                          label=label, label_field=args.label_field)
-            notes += sets[name].notes
-            data[name] = {"path": path, "sha256": safeft.sha256_file(path) if os.path.isfile(path) else None}
+                              ("over_rejection", args.over_rejection, "safe"))[:2 if args.skip_scaling else 3]:
+        sets[name] = safeft.read_rows(path, args.prompt_field, limit=args.limit, flag="--" + name.replace("_", "-"),
+                                      label=label, label_field=args.label_field)
+        notes += sets[name].notes
+        data[name] = {"path": path, "sha256": safeft.sha256_file(path) if os.path.isfile(path) else None}
     keys = {name: [json.dumps(safeft.prompt_messages(row)) for row in sets[name]] for name in ("normal", "malicious")}
     both = set(keys["normal"]) & set(keys["malicious"])
     if both:
@@ -654,7 +591,9 @@ def read_prompt_sets(args):
 
 def locate(args, log=print):
     """Check, load, stage 1, stage 2, verify, save; returns the report written to --out."""
-    started, timing, paths = time.time(), {}, output_paths(args.out)
+    started, timing, stem = time.time(), {}, os.path.splitext(args.out)[0]
+    paths = {"json": args.out, "plot": stem + ".png", "peft": stem + ".peft.json", "axolotl": stem + ".axolotl.yaml",
+             "freeze": stem + ".freeze.json"}
     # 1. Everything the flags, the data, the config and the tokenizer can tell, before the weights load.
     for what, path in paths.items():
         safeft.check_output_location(path, args.overwrite, "--out" + ("" if what == "json" else f" (its {what} file)"))
@@ -696,17 +635,16 @@ def locate(args, log=print):
     cosine = cosine_statistics(states[:n_normal], states[n_normal:], args.pairs, args.seed, args.bootstrap)
     timing["stage1"] = time.time() - tick
     gap = cosine["gap_deg"]
-    found, rule, reason = find_initial_range(gap, cosine["gap_boot"])
+    found, rule, reason = find_initial_range(gap, cosine.pop("gap_boot"))
     log(f"stage 1: {n_normal} normal + {len(sets['malicious'])} malicious prompts, {num_layers} layers; largest angle "
         f"gap {gap.max():.2f} deg at layer {int(gap.argmax())}; early-layer threshold {rule['threshold_deg']:.2f} deg")
+    initial = found or flag_range or span_around_largest_gap(gap)
     if found:
-        initial = found
         log(f"stage 1: initial range {initial[0]}-{initial[1]}: the gap rises clearly above the early-layer noise at "
             f"{initial[0]}, the rise ends at {initial[1]}" + ("; --initial-range unused" if flag_range else ""))
     elif args.strict:
         raise UserError(f"--strict: no clear safety-layer range: {reason}")
     else:
-        initial = flag_range or span_around_largest_gap(gap)
         reason += f"; using {'--initial-range' if flag_range else 'the span around the largest gap'} " \
                   f"{initial[0]}-{initial[1]}"
         log(f"stage 1: NO CLEAR SAFETY-LAYER RANGE: {reason}")
@@ -721,8 +659,7 @@ def locate(args, log=print):
         rows = sets["over_rejection"]
         counter = make_refusal_counter(model, tokenizer, rows, template, args.max_new_tokens, args.batch_size,
                                        phrases, share_prefix)
-        scaling = scaling_search(counter, initial, num_layers, len(rows), args.scale, args.scale_direction,
-                                 args.search_radius, args.max_extra_passes, args.scale_step, args.max_scale_steps, log)
+        scaling = scaling_search(counter, initial, num_layers, args, log)
         if args.strict and args.scale == "auto" and not scaling["clear"]:
             raise UserError(f"--strict: no scale up to {scaling['alpha']:g} separates the start candidates clearly "
                             f"(McNemar p = {scaling['p_value']:.3g})")
@@ -741,28 +678,27 @@ def locate(args, log=print):
         "format": safeft.SAFETY_LAYERS_FORMAT, "model": args.model, "num_layers": num_layers, "template": template,
         "fingerprint": safeft.model_fingerprint(model.config), "load_in_4bit": bool(args.load_in_4bit),
         "safety_layers": {"start": int(safety[0]), "end": int(safety[1])}, "safety_layers_source": source,
-        "initial_range": {"start": int(initial[0]), "end": int(initial[1])},
-        "fallback": not found, "fallback_reason": None if found else reason, "initial_range_rule": rule,
-        "hidden_states": HIDDEN_STATES,
-        "cosine": {"pairs": args.pairs, "pairs_used": cosine["pairs_used"], "layers": list(range(num_layers)),
-                   **{k: cosine["mean"][k].tolist() for k in ("nn", "nm", "mm")},
-                   **{f"{k}_std": cosine["std"][k].tolist() for k in ("nn", "nm", "mm")},
-                   **{f"angle_{k}_deg": cosine["angle"][k].tolist() for k in ("nn", "nm", "mm")},
-                   "gap_deg": gap.tolist()},
+        "initial_range": {"start": int(initial[0]), "end": int(initial[1])}, "fallback": not found,
+        "fallback_reason": None if found else reason, "initial_range_rule": rule, "hidden_states": HIDDEN_STATES,
+        "cosine": {"pairs": args.pairs, "pairs_used": cosine.pop("pairs_used"), "layers": list(range(num_layers)),
+                   **{k: v.tolist() for k, v in cosine.items()}},
         "scaling": scaling, "prefix_sharing": share_prefix, "batch_size": args.batch_size, "data": data,
         "exports": {k: paths[k] for k in ("peft", "axolotl", "freeze") if k != "peft" or exports["peft_lora_config"]},
         "seed": args.seed, "created_at": safeft.now_iso(), "versions": safeft.library_versions(),
         "peak_memory_mb": memory_mb, "peak_memory_kind": memory_kind, "plot": paths["plot"],
     }
-    write_exports(paths, exports, args.overwrite)
-    plot_results(paths["plot"], report, cosine, args.overwrite)
+    for what, content in (("freeze", exports), ("peft", exports["peft_lora_config"])):
+        if content:
+            safeft.write_json_atomic(paths[what], content, args.overwrite)
+    lines = [f"# axolotl: train everything but the attention and MLP weights of the {exports['about']}",
+             "unfrozen_parameters:"] + [f"  - {json.dumps(p)}" for p in exports["axolotl_unfrozen_parameters"]]
+    safeft.write_text_atomic(paths["axolotl"], "\n".join(lines) + "\n", args.overwrite)
+    plot_results(paths["plot"], report, args.overwrite)
     report["timing_s"] = {k: round(v, 3) for k, v in dict(timing, total=time.time() - started).items()}
     safeft.write_json_atomic(args.out, report, args.overwrite)
     log(f"safety layers: {safety[0]}-{safety[1]} ({source}{'; initial range is a FALLBACK' if not found else ''})")
     log(f"wrote {args.out}, {paths['plot']} and for other trainers {', '.join(report['exports'].values())}")
     return report
-
-
 def scale_value(text):
     """--scale: 'auto' or a factor > 0 other than 1."""
     if str(text).strip().lower() == "auto":

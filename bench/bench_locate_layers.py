@@ -80,7 +80,6 @@ def run(quick=False, baseline_pairs=None, threads=None, model_name=MODEL):
     sets = {"nn": (normal, normal), "nm": (normal, malicious), "mm": (malicious, malicious)}
     offsets = {"nn": (0, 0), "nm": (0, PROMPTS), "mm": (PROMPTS, PROMPTS)}
     pick = np.random.default_rng(SEED + 1)
-    unit = ll.unit_rows(ours_states)
     measured, worst, worst_pair = 0.0, 0.0, 0.0
     for kind, (first, second) in pairs.items():
         chosen = np.sort(pick.choice(len(first), size=min(baseline_pairs, len(first)), replace=False))
@@ -89,7 +88,7 @@ def run(quick=False, baseline_pairs=None, threads=None, model_name=MODEL):
                                                   sets[kind][1][second[c]]) for c in chosen]).double().numpy()
         measured += time.perf_counter() - start
         a, b = offsets[kind]
-        ours = ll.pair_cosines(unit, unit, first[chosen] + a, second[chosen] + b)
+        ours = ll.pair_cosines(ours_states, ours_states, first[chosen] + a, second[chosen] + b)
         worst = max(worst, float(np.abs(ours.mean(0) - base.mean(0)).max()))
         worst_pair = max(worst_pair, float(np.abs(ours - base).max()))
     total_pairs = sum(len(p[0]) for p in pairs.values())

@@ -88,8 +88,8 @@ def test_gap_curve_equals_direct_per_pair_computation(loaded):
             b = direct_last_token(model, tokenizer, sets[kind][1][j], template)
             cosines.append(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1, 1))
         cosines = torch.stack(cosines).numpy()
-        np.testing.assert_allclose(stats["mean"][kind], cosines.mean(0), atol=1e-4)
-        np.testing.assert_allclose(stats["std"][kind], cosines.std(0), atol=1e-4)
+        np.testing.assert_allclose(stats[kind], cosines.mean(0), atol=1e-4)
+        np.testing.assert_allclose(stats[f"{kind}_std"], cosines.std(0), atol=1e-4)
         angles[kind] = np.degrees(np.arccos(cosines)).mean(0)
     np.testing.assert_allclose(stats["gap_deg"], angles["nm"] - angles["nn"], atol=1e-4)
     assert stats["gap_boot"].shape == (100, 4)
@@ -206,7 +206,8 @@ def test_search_keeps_weights_bit_identical_and_counts_its_cost(loaded):
     before, hooks = {k: v.clone() for k, v in model.state_dict().items()}, hook_counts(model)
     flags = ll.make_refusal_counter(model, tokenizer, OVER_REJECTION, template, max_new_tokens=3, batch_size=4,
                                     phrases=("the", "a"))
-    scaling = ll.scaling_search(flags, (1, 2), 4, len(OVER_REJECTION), 1.5, radius=1, log=lambda *a: None)
+    scaling = ll.scaling_search(flags, (1, 2), 4, flags_of("--scale", "1.5", "--search-radius", "1"),
+                                log=lambda *a: None)
     assert [r["end"] for r in scaling["upper_sweep"]] == [1, 2, 3]  # the window is the whole room here
     assert all(len(flags(r["start"], r["end"], 1.5)) == len(OVER_REJECTION) for r in scaling["lower_sweep"])
     # One generation pass per distinct candidate (the sweeps share one) plus the baseline; forwards counted.
@@ -237,6 +238,11 @@ def planted_counter(best, queries=200, clear_from=1.0):
 
     refusal_flags.calls = calls
     return refusal_flags
+
+
+def flags_of(*argv):
+    """The search's settings as locate() passes them: the parsed flags (defaults: --scale auto, radius 3, ...)."""
+    return ll.build_parser().parse_args(list(argv))
 
 
 def bounds(sweep, key):
@@ -290,7 +296,8 @@ def test_the_models_edges_and_the_cap_stop_the_widening():
 
 def test_scaling_search_reports_every_candidate_and_the_cost():
     counter = planted_counter((2, 14))
-    scaling = ll.scaling_search(counter, (4, 8), 24, 200, 1.2, radius=2, max_extra=10, log=lambda *a: None)
+    scaling = ll.scaling_search(counter, (4, 8), 24, flags_of("--scale", "1.2", "--search-radius", "2",
+                                                              "--max-extra-passes", "10"), log=lambda *a: None)
     assert scaling["result"] == {"start": 2, "end": 14} and scaling["alpha_mode"] == "fixed"
     assert scaling["direction"] == {"scale": "up", "keep": "most refusals", "chosen_by": "--scale 1.2"}
     assert scaling["cost"]["generation_passes"] == len(set(counter.calls)) == 1 + 10 + 6 - 1
@@ -301,18 +308,20 @@ def test_scaling_search_reports_every_candidate_and_the_cost():
 
 def test_auto_scale_steps_until_the_start_sweep_is_clear_and_records_its_direction():
     counter = planted_counter((5, 9), clear_from=1.15)
-    scaling = ll.scaling_search(counter, (4, 8), 12, 200, "auto", log=lambda *a: None)
+    scaling = ll.scaling_search(counter, (4, 8), 12, flags_of(), log=lambda *a: None)  # --scale auto
     assert [a["alpha"] for a in scaling["attempts"]] == [1.05, 1.1, 1.15]
     assert scaling["alpha"] == 1.15 and scaling["clear"] and scaling["baseline_refusals"] == 0
     assert scaling["result"] == {"start": 5, "end": 9} and scaling["direction"]["scale"] == "up"
     assert "baseline" in scaling["direction"]["chosen_by"]
     # A model that already refuses most prompts is scaled down; the step cap ends a search that never clears.
     refusing = lambda s, e, a: [True] * 80 + [False] * 20  # noqa: E731
-    scaling = ll.scaling_search(refusing, (4, 8), 12, 100, "auto", radius=1, max_steps=2, log=lambda *a: None)
+    scaling = ll.scaling_search(refusing, (4, 8), 12, flags_of("--search-radius", "1", "--max-scale-steps", "2"),
+                                log=lambda *a: None)
     assert [a["alpha"] for a in scaling["attempts"]] == [0.95, 0.9] and not scaling["clear"]
     assert scaling["direction"]["keep"] == "fewest refusals"
     # The user can choose the direction.
-    scaling = ll.scaling_search(refusing, (4, 8), 12, 100, "auto", "up", radius=1, max_steps=1, log=lambda *a: None)
+    scaling = ll.scaling_search(refusing, (4, 8), 12, flags_of("--scale-direction", "up", "--search-radius", "1",
+                                                               "--max-scale-steps", "1"), log=lambda *a: None)
     assert scaling["alpha"] == 1.05 and scaling["direction"]["chosen_by"] == "--scale-direction up"
 
 
