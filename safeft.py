@@ -302,7 +302,11 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"{flag}: cannot write {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:  # os.access says yes to root on a read-only mount or /proc: a file actually made there says more
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError:
         raise UserError(f"{flag}: cannot write {path}: {existing} is not writable")
     # Delete the .tmp-<pid>-<host>-* entries whose process is gone (left by a run killed while saving). Only this
     # host's: on a shared file system another machine's pid says nothing here, and its save may be under way.

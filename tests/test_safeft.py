@@ -395,6 +395,10 @@ def test_unusable_output_locations_are_found_before_the_work(tmp_path, monkeypat
         h.check_output_location(str(tmp_path / "some_dir") + "/", overwrite=False)
     with pytest.raises(h.UserError, match="^--checkpoint-dir: .* exists and is a file"):
         h.check_output_location(str(tmp_path / "file"), overwrite=True, flag="--checkpoint-dir", is_dir=True)
+    # A folder that no one may write into, not even root (os.access says yes to root there): found by trying.
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(h.UserError, match="^--out: cannot write /proc/x/y.json: /proc is not writable"):
+            h.check_output_location("/proc/x/y.json", overwrite=False)
     # The write-permission test itself (root ignores modes, so it is exercised through os.access).
     monkeypatch.setattr(h.os, "access", lambda path, mode: False)
     with pytest.raises(h.UserError, match="^--out: cannot write .* is not writable"):
