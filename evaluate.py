@@ -439,7 +439,7 @@ def measure(model, tokenizer, template, parts, args, phrases, task_tokens, judge
             classified(part, rows, answers, phrases, args.examples)
         summary[part]["at_budget"] = at_budget(tokenizer, answers, tokens)
         timing[part] = time.time() - start
-    if judge:
+    if judge is not None:
         start = time.time()
         safeft_judge.judge_records(judge, records["harmful"], args.batch_size)
         summary["harmful"]["judge"] = judge_summary(records["harmful"], args.examples)
@@ -479,7 +479,8 @@ def evaluate(args):
     safeft.check_output_location(md_out, args.overwrite)
 
     # 3. Load: the judge first (it fails fast), the tokenizer and template, the model, every adapter active.
-    judge = args.judge_model and safeft_judge.load_judge(args.judge_model, args.judge_unsafe_labels, args.judge_input)
+    judge = safeft_judge.load_judge(args.judge_model, args.judge_unsafe_labels, args.judge_input) \
+        if args.judge_model else None
     safeft.set_seed(args.seed)
     load_start = time.time()
     tokenizer, template = safeft.load_tokenizer(args.model, followed["template"])

@@ -326,8 +326,8 @@ def finetune(args):
     num_layers = len(safeft.decoder_layers(shell))
     targets = safeft.pick_target_modules(shell, args.lora_target_modules)
     freeze, frozen = read_freeze(args.freeze_layers, num_layers)
-    vectors = args.security_vectors and safeft.find_adapter(args.security_vectors, "--security-vectors", config,
-                                                            template)
+    vectors = safeft.find_adapter(args.security_vectors, "--security-vectors", config, template) \
+        if args.security_vectors else None
     examples = safeft.build_examples(tokenizer, rows, template, args.max_length, "--data")
     if args.train_on_inputs:  # every token is a target, the prompt's (and user turns') too, but the first: once
         # left-padded, nothing real comes before it, and a padding position would be asked to predict it

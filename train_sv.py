@@ -249,8 +249,9 @@ def run(args):
                   if check_path else [])
     phrases = safeft.load_refusal_phrases(args.refusal_phrases)
     config = safeft.load_config(args.model)
-    resume = args.resume and safeft.find_adapter(  # the vectors to continue, checked before the weights load
-        args.resume, "--resume", config, made_by=(SV_FORMAT, "sv_meta.json (not a train_sv.py output)"))
+    resume = safeft.find_adapter(  # the vectors to continue, checked before the weights load
+        args.resume, "--resume", config, made_by=(SV_FORMAT, "sv_meta.json (not a train_sv.py output)")) \
+        if args.resume else None
     target_modules = None if resume else safeft.pick_target_modules(safeft.meta_model(config),
                                                                     args.lora_target_modules)
     tokenizer, template = safeft.load_tokenizer(args.model, args.template)
