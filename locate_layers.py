@@ -699,6 +699,8 @@ def locate(args, log=print):
     log(f"safety layers: {safety[0]}-{safety[1]} ({source}{'; initial range is a FALLBACK' if not found else ''})")
     log(f"wrote {args.out}, {paths['plot']} and for other trainers {', '.join(report['exports'].values())}")
     return report
+
+
 def scale_value(text):
     """--scale: 'auto' or a factor > 0 other than 1."""
     if str(text).strip().lower() == "auto":
