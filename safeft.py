@@ -609,11 +609,11 @@ def read_rows(path, prompt_field=None, response_field=None, need_response=False,
         raise UserError(f"{flag}: cannot read {path} ({e})")
     if not records:
         raise UserError(f"{path}: no rows")
-    first = next((r for _, _, r in records if isinstance(r, dict)), None)
-    keys = list(first) if first is not None else []
+    # every field any record has, in order of first appearance: JSON Lines rows need not all carry the same ones
+    keys = list(dict.fromkeys(k for _, _, r in records if isinstance(r, dict) for k in r))
     chat_key = None if prompt_field else next((k for k in CHAT_FIELDS if k in keys), None)
     prompt_key = response_key = label_key = None
-    if first is not None and not chat_key:
+    if keys and not chat_key:
         prompt_key = _pick_field(keys, prompt_field, PROMPT_FIELDS, path, "prompt")
         response_key = _pick_field(keys, response_field, RESPONSE_FIELDS, path, "response")
     if need_response and not (chat_key or response_key):

@@ -353,6 +353,17 @@ def test_missing_response_names_line(tmp_path):
         read(no_field, need_response=True)
 
 
+def test_fields_are_found_in_any_row_not_only_the_first(tmp_path):
+    # JSON Lines rows need not carry the same fields: a first row without a response is that row's error, by line
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "c", "response": "d"}])
+    assert [r["response"] for r in read(path)] == [None, "d"]
+    with pytest.raises(safeft.UserError, match=r"d.jsonl:1: empty or missing response field 'response'"):
+        read(path, need_response=True)
+    late_label = write_jsonl(tmp_path / "l.jsonl", [{"prompt": "a"}, {"prompt": "b", "label": "unsafe"}])
+    with pytest.raises(safeft.UserError, match=r"l.jsonl:1: label None in column 'label'"):
+        read(late_label, label="unsafe")  # before, a first row without one made the whole file unlabelled
+
+
 def test_bad_json_file_and_items(tmp_path):
     (tmp_path / "d.json").write_text('[{"prompt": "a"},\n {"prompt": }]')
     with pytest.raises(safeft.UserError, match=r"d.json:2: not valid JSON"):
