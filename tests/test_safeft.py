@@ -640,6 +640,35 @@ def test_pip_install_makes_the_module_and_the_scripts_importable_anywhere(tmp_pa
     assert "--micro-batch-size" in done.stdout and done.stdout.rstrip().endswith("exit 0")
 
 
+def test_declared_version_floors_are_the_tested_ones():
+    """requirements.txt and pyproject.toml declare the same ranges, and each lower bound is exactly the version
+    requirements-floor.txt pins (the set `make test-floor` runs the suite on): a bound moved in one place only, or
+    raised without the floor run, fails here."""
+    import re
+
+    from packaging.version import Version
+
+    def bounds(lines):
+        found = {}
+        for line in lines:
+            match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", line.split("#")[0].strip())
+            if match:
+                found[match[1].lower()] = match[2].replace(" ", "")
+        return found
+
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        required = bounds(f)
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:  # tomllib is 3.11+, and this list is plain
+        declared = bounds(re.findall(r'"([^"]+)"', re.search(r"(?s)\ndependencies = \[(.*?)\]", f.read())[1]))
+    with open(os.path.join(ROOT, "requirements-floor.txt")) as f:
+        floor = bounds(f)
+    assert declared == {k: v for k, v in required.items() if k != "torch"}  # torch: the user installs their build
+    lower = {name: Version(re.search(r">=([^,]+)", spec)[1]) for name, spec in declared.items()}
+    assert {name: Version(pin.removeprefix("==")) for name, pin in floor.items()} == lower
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        assert "requirements-floor.txt" in f.read()
+
+
 def test_scripts_import_only_the_shared_module_and_have_a_guarded_main():
     """One importable module holds what the scripts share; scripts talk to each other only through files."""
     import ast
