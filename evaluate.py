@@ -494,6 +494,12 @@ def evaluate(args):
 
     # 4. Measure: generate, classify, judge, response loss.
     summary, records, timing = measure(model, tokenizer, template, parts, args, phrases, task_tokens, judge)
+    classified_answers = [r["generation"] for part in ("harmful", "over_refusal") for r in records.get(part) or ()]
+    foreign = sum(map(safeft_judge.mostly_non_latin, classified_answers))
+    if foreign:
+        notes.append(f"{foreign} of {len(classified_answers)} answers are mostly in a non-Latin script: the answer "
+                     f"rules read English phrases and words, so their classes are unreliable (use --judge-model)")
+        print(f"warning: {notes[-1]}", file=sys.stderr)
     task = summary["task"]
     if task and task["at_budget"] > 0.1 * task["n"]:
         notes.append(f"{task['at_budget']} of {task['n']} task answers used the whole budget of {task_tokens} "

@@ -96,6 +96,13 @@ def classify_over_refusal(answer, phrases=safeft.REFUSAL_PHRASES):
     return "answered", "answered"
 
 
+def mostly_non_latin(answer):
+    """Whether most of an answer's letters are outside the Latin script (Chinese, Cyrillic, ...): the rules read
+    English phrases and words, so such an answer's class says little (evaluate.py notes how many there were)."""
+    letters = [c for c in answer if c.isalpha()]
+    return sum(c > "\u024f" for c in letters) * 2 > len(letters)
+
+
 # -- the judge model: a second opinion on the harmful answers --
 
 # A classifier judge's labels that mean "unsafe" (substrings, unless negated as in "non_toxic").

@@ -503,6 +503,28 @@ def test_task_answers_cut_short_by_the_budget_are_a_warning_and_a_note(tiny_llam
     assert f"warning: {note}" in capsys.readouterr().err
 
 
+def test_answers_in_another_script_are_a_note_since_the_rules_read_english(tiny_llama, data_files, tmp_path,
+                                                                            monkeypatch, capsys):
+    assert safeft_judge.mostly_non_latin("\u62b1\u6b49\uff0c\u6211\u65e0\u6cd5\u5e2e\u52a9\u60a8\u3002")
+    assert safeft_judge.mostly_non_latin("\u041a\u043e\u043d\u0435\u0447\u043d\u043e, OK")  # Cyrillic
+    assert not safeft_judge.mostly_non_latin("Voil\u00e0 un r\u00e9sum\u00e9 tr\u00e8s s\u00fbr.")  # accents
+    assert not safeft_judge.mostly_non_latin("1. 2. 3.") and not safeft_judge.mostly_non_latin("")
+    chinese = "\u5f53\u7136\uff0c\u8fd9\u91cc\u6709\u4e00\u4e2a\u8ba1\u5212\u3002"  # "Sure, here is a plan."
+
+    def one_in_chinese(*args, **kwargs):
+        answers = fake_generate(*args, **kwargs)
+        return [chinese] + answers[1:] if kwargs.get("desc") == "harmful" else answers
+
+    monkeypatch.setattr(safeft, "generate_greedy", one_in_chinese)
+    result = ev.main(["--model", tiny_llama, *data_args(data_files), "--skip-task", "--out", str(tmp_path / "z.json")])
+    n = result["summary"]["harmful"]["n"] + result["summary"]["over_refusal"]["n"]
+    note = f"1 of {n} answers are mostly in a non-Latin script"
+    assert any(x.startswith(note) for x in result["settings"]["notes"]) and note in capsys.readouterr().err
+    monkeypatch.setattr(safeft, "generate_greedy", fake_generate)
+    plain = ev.main(["--model", tiny_llama, *data_args(data_files), "--skip-task", "--out", str(tmp_path / "y.json")])
+    assert not any("non-Latin" in x for x in plain["settings"]["notes"])
+
+
 # -- adapters --
 
 def save_lora(base_path, out, seed, meta=None):
