@@ -417,7 +417,8 @@ def scaling_search(counter, initial, num_layers, args, log=print):
     log(f"stage 2: scale {'> 1, keeping the most' if up else '< 1, keeping the fewest'} refusals ({chosen_by})")
     attempts = []
     for alpha in scales:
-        with tqdm(desc=f"scaling search at {alpha:g}", unit="candidate", leave=False) as bar:
+        with tqdm(desc=f"scaling search at {alpha:g}", bar_format="{desc}: {n} candidates [{elapsed}]",
+                  leave=False) as bar:
             attempt = search_range(counter, initial, alpha, args.search_radius, num_layers,
                                    args.max_extra_passes, lambda: bar.update(1))
         attempts.append(attempt)
