@@ -278,7 +278,8 @@ def run(args):
         say(f"resuming {args.resume}: rank {settings['lora_r']}, alpha {settings['lora_alpha']}, targets "
             f"{', '.join(settings['lora_target_modules'])} (from the adapter, not the flags)", file=sys.stderr)
     say(f"training security vectors: {len(examples)} rows of {args.data}, rank {settings['lora_r']}, "
-        f"{trainable:,} trainable parameters, template {template}, 4-bit {load_in_4bit}", file=sys.stderr)
+        f"{trainable:,} trainable parameters, template {template}, {'4-bit NF4' if load_in_4bit else 'unquantised'} "
+        f"base", file=sys.stderr)
 
     # The output is written into a temporary folder beside --out and renamed into place only when complete.
     place = safeft.output_dir(args.out, args.overwrite) if main_process else tempfile.TemporaryDirectory()
