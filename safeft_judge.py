@@ -97,8 +97,8 @@ def classify_over_refusal(answer, phrases=safeft.REFUSAL_PHRASES):
 
 
 def mostly_non_latin(answer):
-    """Whether most of an answer's letters are outside the Latin script (Chinese, Cyrillic, ...): the rules read
-    English phrases and words, so such an answer's class says little (evaluate.py notes how many there were)."""
+    """Whether most of an answer's letters lie beyond Latin Extended-B, U+024F (Chinese, Cyrillic, Arabic, ...): the
+    rules read English phrases and words, so such an answer's class says little (evaluate.py notes how many)."""
     letters = [c for c in answer if c.isalpha()]
     return sum(c > "\u024f" for c in letters) * 2 > len(letters)
 
