@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from safeft import atomic_file, read_json_file, write_json_atomic, write_text_atomic
+from safeft import UserError, atomic_file, check_output_location, read_json_file, write_json_atomic, write_text_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TASK_DATA = os.path.join(ROOT, "data", "task_train.jsonl")
@@ -249,15 +249,18 @@ def main(argv=None):
             grid[flag] = default if value is None else [int(v) for v in value.split(",")]
         except ValueError:
             parser.error(f"{flag}: expected comma-separated whole numbers, got {value!r}")
-        if (value is not None and not args.sweep) or not grid[flag] or min(grid[flag]) < (0 if flag == "--shares"
-                                                                                           else 1):
-            parser.error(f"{flag}: {value!r} is not usable" + ("" if args.sweep else " (it needs --sweep)"))
+        if value is not None and not args.sweep:
+            parser.error(f"{flag}: {value!r} is not usable without --sweep")
+        if min(grid[flag]) < (low := 0 if flag == "--shares" else 1):
+            parser.error(f"{flag}: every value must be at least {low}, got {value!r}")
     if max(grid["--shares"]) > 100:
         parser.error("--shares: a share is at most 100 (%)")
     args.model = args.model or size["model"]
     out = os.path.abspath(args.out or os.path.join("runs", "demo" if args.size == "cpu" else f"demo-{args.size}"))
-    if os.path.exists(out) and not os.path.isdir(out):
-        bad_input(f"--out: {shown(out)} is a file, not a folder")
+    try:  # a file there, or a folder nobody may write in: one line now, not a traceback at the first step
+        check_output_location(out, True, "--out", is_dir=True)
+    except UserError as e:
+        bad_input(str(e))
     settings = {"model": args.model, "size": args.size, "load_in_4bit": args.load_in_4bit}
     check_same_settings(os.path.join(out, "demo_settings.json"), settings, args.force)
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)

@@ -171,3 +171,12 @@ def test_bad_sweep_flags_are_one_line_before_any_work(tmp_path):
         result = run_demo("--quick", *flags, "--out", str(tmp_path / "run"))
         assert result.returncode == 2 and ("--shares" in result.stderr or "--epochs" in result.stderr), flags
         assert not (tmp_path / "run").exists()
+
+
+def test_an_unusable_out_folder_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("mine")
+    for out, message in ((tmp_path / "a-file", "exists and is a file"), ("/proc/demo-out", "is not writable")):
+        result = run_demo("--quick", "--out", str(out))
+        [line] = result.stderr.strip().splitlines()  # one line, no traceback
+        assert result.returncode == 2 and line.startswith("demo: --out: ") and message in line, line
+    assert (tmp_path / "a-file").read_text() == "mine"
