@@ -2,7 +2,7 @@
 # make test   sets up .venv, lints, and runs the test suite
 # make bench  runs the benchmarks and prints one table
 # make test-floor  runs the suite on the oldest versions requirements.txt allows (requirements-floor.txt; CI does)
-# GPU users: make demo TORCH="torch"  (or install your own CUDA torch into .venv first)
+# GPU users: make demo TORCH="torch<2.14"  (requirements.txt's cap; or install your own CUDA torch into .venv first)
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
