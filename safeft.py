@@ -718,10 +718,12 @@ def convert_gguf(path):
     stat = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     target = os.path.join(cache_root(), f"{os.path.basename(path)[:-5]}-{key}")
-    if os.path.isfile(os.path.join(target, "config.json")):
+    done = os.path.isfile(os.path.join(target, "config.json"))
+    if done and tokenizer_reads_text(target):
         return target
-    broken = os.path.exists(target)  # there now without config.json: no conversion, replace it
-    print(f"converting {path} to a safetensors model in {target} (once)", file=sys.stderr)
+    broken = os.path.exists(target)  # no config.json, or a tokenizer that garbles text: replace it
+    print(f"converting {path} to a safetensors model in {target} "
+          f"({'again: the cached tokenizer garbles text' if done else 'once'})", file=sys.stderr)
     folder, name = os.path.split(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -738,10 +740,35 @@ def convert_gguf(path):
         with output_dir(target, overwrite=broken) as tmp:
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            if not tokenizer_reads_text(tmp):
+                import transformers
+                raise UserError(f"--model: transformers {transformers.__version__} converts the tokenizer of {path} "
+                                f"into one that garbles text (5.5 did so for SmolLM2); use another version")
     except UserError:  # another process (torchrun's other ranks) finished first, maybe loading it now: keep theirs
-        if not os.path.isfile(os.path.join(target, "config.json")):
+        if not (os.path.isfile(os.path.join(target, "config.json")) and tokenizer_reads_text(target)):
             raise
     return target
+
+
+_READS_TEXT = set()  # folders whose tokenizer passed, so the three loads of a run check it once
+
+
+def tokenizer_reads_text(folder):
+    """Whether the tokenizer in a converted GGUF folder gives a plain sentence back, word for word. transformers 5.5
+    turned SmolLM2's into one that does not (every space an <|endoftext|>); the chain then ran on garbage without
+    an error, and the cache kept that conversion after an upgrade."""
+    from transformers import AutoTokenizer
+    if folder not in _READS_TEXT:
+        probe = "Hello world. Is 12 + 30 = 42? Yes, it is.\n"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            back = tokenizer.decode(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return False
+        if back.split() != probe.split():
+            return False
+        _READS_TEXT.add(folder)
+    return True
 
 
 def local_model_dir(model):

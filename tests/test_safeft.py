@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import safeft as h
-from conftest import ROOT
+from conftest import ROOT, make_tokenizer
 
 # -- prompts and examples --
 
@@ -182,6 +182,12 @@ def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, 
         def state_dict(self):
             return {}
 
+        def __call__(self, text, **kwargs):  # as a tokenizer: one that reads text back
+            return {"input_ids": text}
+
+        def decode(self, ids):
+            return ids
+
         def load_state_dict(self, state):  # the other rank's conversion lands while this one works
             theirs.mkdir(parents=True)
             (theirs / "config.json").write_text('{"winner": true}')
@@ -194,6 +200,54 @@ def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, 
     assert h.convert_gguf(str(gguf_file)) == str(theirs)
     assert json.loads((theirs / "config.json").read_text()) == {"winner": True}  # untouched
     assert os.listdir(theirs) == ["config.json"] and os.listdir(cache) == [theirs.name]  # no temporary folder left
+
+
+def test_a_converted_tokenizer_that_garbles_text_is_converted_again_or_refused(tmp_path, monkeypatch):
+    """transformers 5.5 converted SmolLM2's GGUF tokenizer into one that puts <|endoftext|> for every space: the
+    chain ran on garbage without an error, and the cache kept it after an upgrade."""
+    from tokenizers import decoders
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(good)
+    tokenizer.backend_tokenizer.decoder = decoders.WordPiece()  # gives the byte-level pieces back raw
+    tokenizer.save_pretrained(bad)
+    assert h.tokenizer_reads_text(str(good)) and not h.tokenizer_reads_text(str(bad))
+    assert not h.tokenizer_reads_text(str(tmp_path / "none"))
+
+    import transformers
+    gguf_file, cache, calls = tmp_path / "m.gguf", tmp_path / "cache", []
+    gguf_file.write_bytes(b"GGUF")
+
+    class StandIn:
+        def save_pretrained(self, folder):
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                f.write("{}")
+
+        def state_dict(self):
+            calls.append("converted")
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    monkeypatch.setenv("SAFE_FT_CACHE", str(cache))
+    for loader, name in ((transformers.AutoTokenizer, "from_pretrained"), (transformers.AutoConfig, "from_pretrained"),
+                         (transformers.AutoModelForCausalLM, "from_pretrained"),
+                         (transformers.AutoModelForCausalLM, "from_config")):
+        monkeypatch.setattr(loader, name, lambda *a, **k: StandIn())
+    monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: True)
+    target = h.convert_gguf(str(gguf_file))
+    assert h.convert_gguf(str(gguf_file)) == target and calls == ["converted"]  # once
+    verdicts = iter([False, True])  # the cached conversion garbles (an older transformers), the new one reads text
+    monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: next(verdicts))
+    assert h.convert_gguf(str(gguf_file)) == target and calls == ["converted"] * 2
+    assert os.listdir(cache) == [os.path.basename(target)]
+    os.makedirs(os.path.join(target, "kept"))  # a marker: a refused conversion must not touch the cached folder
+    monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: False)  # this transformers garbles every time
+    with pytest.raises(h.UserError, match=r"^--model: transformers \S+ converts the tokenizer of .*m.gguf into one "
+                                          r"that garbles text"):
+        h.convert_gguf(str(gguf_file))
+    assert os.listdir(cache) == [os.path.basename(target)] and os.path.isdir(os.path.join(target, "kept"))
 
 
 def test_gguf_that_transformers_cannot_load(tmp_path, monkeypatch):
