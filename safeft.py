@@ -79,15 +79,17 @@ def quiet_libraries():
     """The output of a run is our own lines and progress bars: library warnings are for library developers.
     Must run before bitsandbytes is imported (it logs a failed optional kernel download at import). Returns a
     function that puts it all back: a notebook that calls main() keeps its own logging and warnings."""
-    # kernels (bitsandbytes fetches its CPU 4-bit kernel with it) warns offline that it skips a trust check
-    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "peft", "accelerate", "kernels",
+    # transformers through its own calls: its first logging call sets its logger's level, over one set before.
+    # Imported first: it imports huggingface_hub, whose import sets that library's level too.
+    from transformers.utils import logging as hf_logging
+    # kernels (bitsandbytes fetches its CPU 4-bit kernel with it) warns offline that it skips a trust check;
+    # huggingface_hub logs every failed retry of a hub id it cannot reach, before our own one-line error
+    loggers = [logging.getLogger(n) for n in ("bitsandbytes", "peft", "accelerate", "kernels", "huggingface_hub",
                                               "torch.distributed.elastic")]
     levels, advisory = [lg.level for lg in loggers], "TRANSFORMERS_NO_ADVISORY_WARNINGS" in os.environ
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for logger in loggers:
         logger.setLevel(logging.ERROR)
-    # transformers through its own calls: its first logging call sets its logger's level, over one set before
-    from transformers.utils import logging as hf_logging
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
