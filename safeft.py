@@ -745,7 +745,8 @@ def convert_gguf(path):
             if not tokenizer_reads_text(tmp):
                 import transformers
                 raise UserError(f"--model: transformers {transformers.__version__} converts the tokenizer of {path} "
-                                f"into one that garbles text (5.5 did so for SmolLM2); use another version")
+                                f"into one that garbles text (5.5 did so for SmolLM2); use another version, or "
+                                f"give --model a converted model folder")
     except UserError:  # another process (torchrun's other ranks) finished first, maybe loading it now: keep theirs
         if not (os.path.isfile(os.path.join(target, "config.json")) and tokenizer_reads_text(target)):
             raise
