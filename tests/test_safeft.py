@@ -162,12 +162,20 @@ def test_model_path_errors(tmp_path):
         h.load_config("no-such-org/no-such-model")  # offline: one line, no library traceback
 
 
+def stand_in_for_gguf_loaders(monkeypatch, stand_in):
+    """convert_gguf's four transformers loaders (tokenizer, config, GGUF model, plain model) each return stand_in()."""
+    import transformers
+    for loader, name in ((transformers.AutoTokenizer, "from_pretrained"), (transformers.AutoConfig, "from_pretrained"),
+                         (transformers.AutoModelForCausalLM, "from_pretrained"),
+                         (transformers.AutoModelForCausalLM, "from_config")):
+        monkeypatch.setattr(loader, name, lambda *a, **k: stand_in())
+
+
 def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, monkeypatch):
     """torchrun starts every rank on a new .gguf at once: each converts it, and the first to finish may already be
     loading its folder when the next one finishes. The later one keeps that folder instead of swapping it away."""
     import hashlib
 
-    import transformers
     gguf_file, cache = tmp_path / "m.gguf", tmp_path / "cache"
     gguf_file.write_bytes(b"GGUF")
     stat = os.stat(gguf_file)
@@ -193,10 +201,7 @@ def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, 
             (theirs / "config.json").write_text('{"winner": true}')
 
     monkeypatch.setenv("SAFE_FT_CACHE", str(cache))
-    for loader, name in ((transformers.AutoTokenizer, "from_pretrained"), (transformers.AutoConfig, "from_pretrained"),
-                         (transformers.AutoModelForCausalLM, "from_pretrained"),
-                         (transformers.AutoModelForCausalLM, "from_config")):
-        monkeypatch.setattr(loader, name, lambda *a, **k: StandIn())
+    stand_in_for_gguf_loaders(monkeypatch, StandIn)
     assert h.convert_gguf(str(gguf_file)) == str(theirs)
     assert json.loads((theirs / "config.json").read_text()) == {"winner": True}  # untouched
     assert os.listdir(theirs) == ["config.json"] and os.listdir(cache) == [theirs.name]  # no temporary folder left
@@ -214,7 +219,6 @@ def test_a_converted_tokenizer_that_garbles_text_is_converted_again_or_refused(t
     assert h.tokenizer_reads_text(str(good)) and not h.tokenizer_reads_text(str(bad))
     assert not h.tokenizer_reads_text(str(tmp_path / "none"))
 
-    import transformers
     gguf_file, cache, calls = tmp_path / "m.gguf", tmp_path / "cache", []
     gguf_file.write_bytes(b"GGUF")
 
@@ -231,10 +235,7 @@ def test_a_converted_tokenizer_that_garbles_text_is_converted_again_or_refused(t
             pass
 
     monkeypatch.setenv("SAFE_FT_CACHE", str(cache))
-    for loader, name in ((transformers.AutoTokenizer, "from_pretrained"), (transformers.AutoConfig, "from_pretrained"),
-                         (transformers.AutoModelForCausalLM, "from_pretrained"),
-                         (transformers.AutoModelForCausalLM, "from_config")):
-        monkeypatch.setattr(loader, name, lambda *a, **k: StandIn())
+    stand_in_for_gguf_loaders(monkeypatch, StandIn)
     monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: True)
     target = h.convert_gguf(str(gguf_file))
     assert h.convert_gguf(str(gguf_file)) == target and calls == ["converted"]  # once
