@@ -234,7 +234,8 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="run the attack-strength grid, write SWEEP.md")
     parser.add_argument("--shares", default=None,
                         help="with --sweep: harmful shares in %%, comma-separated (default: the size's)")
-    parser.add_argument("--epochs", default=None, help="with --sweep: epoch counts, comma-separated")
+    parser.add_argument("--epochs", default=None,
+                        help="with --sweep: epoch counts, comma-separated (default: the size's)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: runs/demo, or runs/demo-SIZE for another size)")
     parser.add_argument("--force", action="store_true", help="rerun every step, replacing its outputs")
