@@ -70,8 +70,11 @@ class UserError(Exception):
 
 def repo_path(relative):
     """A default data file: the repo's own copy whatever the current folder holds (shown relative when the
-    current folder is the repo), so a script run from elsewhere reads the data it was written for."""
+    current folder is the repo), so a script run from elsewhere reads the data it was written for. Installed
+    with pip, the data/ files sit beside the modules as safeft_data/ (pyproject.toml)."""
     own = os.path.join(REPO_DIR, relative)
+    if not os.path.exists(own):
+        own = os.path.join(REPO_DIR, "safeft_data", os.path.relpath(relative, "data"))
     return own if os.path.exists(own) and os.path.abspath(relative) != own else relative
 
 

@@ -677,7 +677,8 @@ def test_layer_ranges():
 
 def test_pip_install_makes_the_module_and_the_scripts_importable_anywhere(tmp_path):
     """pyproject.toml's promise to notebook users (`pip install git+<repo>`): the module and the four scripts
-    import from any folder, and `main([...])` runs. Installed from a copy, so the checkout gets no build files."""
+    import from any folder, `main([...])` runs, and every default data file is installed with them (a bare
+    `main()` reads them). Installed from a copy, so the checkout gets no build files."""
     import shutil
     source, site, elsewhere = tmp_path / "source", tmp_path / "site", tmp_path / "notebook"
     source.mkdir()
@@ -685,11 +686,17 @@ def test_pip_install_makes_the_module_and_the_scripts_importable_anywhere(tmp_pa
     modules = ["safeft", "safeft_judge", "locate_layers", "train_sv", "finetune", "evaluate"]
     for name in ["pyproject.toml", "README.md"] + [m + ".py" for m in modules]:
         shutil.copy(os.path.join(ROOT, name), source)
+    shutil.copytree(os.path.join(ROOT, "data"), source / "data")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
                     "--target", str(site), str(source)], check=True, capture_output=True, text=True)
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n"
             "    print(importlib.import_module(name).__file__)\n"
+            "import argparse, os, locate_layers, train_sv, finetune, evaluate\n"
+            "for script in (locate_layers, train_sv, finetune, evaluate):\n"
+            "    for action in script.build_parser()._actions:\n"
+            "        if isinstance(action.default, str) and action.default.endswith('.jsonl'):\n"
+            "            print('data', action.dest, os.path.isfile(action.default), action.default)\n"
             "from finetune import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit as e:\n    print('exit', e.code)\n")
     env = dict(os.environ, PYTHONPATH=str(site))
@@ -698,6 +705,9 @@ def test_pip_install_makes_the_module_and_the_scripts_importable_anywhere(tmp_pa
     files = done.stdout.splitlines()[:len(modules)]
     assert [os.path.dirname(f) for f in files] == [str(site)] * len(modules), files
     assert "--micro-batch-size" in done.stdout and done.stdout.rstrip().endswith("exit 0")
+    defaults = [line.split() for line in done.stdout.splitlines() if line.startswith("data ")]
+    assert len(defaults) >= 9, defaults  # locate 3, train_sv 2, finetune 1, evaluate 3
+    assert all(found == "True" and path.startswith(str(site)) for _, _, found, path in defaults), defaults
 
 
 def test_declared_version_floors_are_the_tested_ones():
