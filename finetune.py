@@ -328,6 +328,9 @@ def finetune(args):
     freeze, frozen = read_freeze(args.freeze_layers, num_layers)
     vectors = safeft.find_adapter(args.security_vectors, "--security-vectors", config, template) \
         if args.security_vectors else None
+    if vectors and vectors["meta"].get("format") == LOG_FORMAT:  # vectors from elsewhere (no sv_meta.json) are fine
+        raise safeft.UserError(f"--security-vectors: {args.security_vectors} is a fine-tune (finetune.py's "
+                               f"train_log.json), not security vectors: give train_sv.py's output")
     examples = safeft.build_examples(tokenizer, rows, template, args.max_length, "--data")
     if args.train_on_inputs:  # every token is a target, the prompt's (and user turns') too, but the first: once
         # left-padded, nothing real comes before it, and a padding position would be asked to predict it

@@ -337,6 +337,11 @@ def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, 
     (other_base / "adapter_model.safetensors").write_bytes(b"")
     (other_base / "sv_meta.json").write_text(json.dumps({
         "format": "security-vectors/v1", "fingerprint": {"model_type": "llama", "num_layers": 30, "hidden_size": 576}}))
+    a_finetune = tmp_path / "a_finetune"  # finetune.py's output given where security vectors belong
+    a_finetune.mkdir()
+    (a_finetune / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (a_finetune / "adapter_model.safetensors").write_bytes(b"")
+    (a_finetune / "train_log.json").write_text(json.dumps({"format": "finetune/v1"}))
     no_template = tmp_path / "no_template"
     make_tiny_model("llama", no_template)
     for name in os.listdir(no_template):  # the same model with a tokenizer that has no chat template
@@ -357,6 +362,7 @@ def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, 
         (["--freeze-layers", "3-1"], "--freeze-layers"),
         (["--security-vectors", str(other_base)], "--security-vectors"),
         (["--security-vectors", str(tmp_path / "nowhere")], "--security-vectors"),
+        (["--security-vectors", str(a_finetune)], "is a fine-tune"),
         (["--data", str(tmp_path / "missing.jsonl")], "--data"),
         (["--method", "full", "--load-in-4bit"], "--load-in-4bit"),
         (["--lora-alpha", "0"], "--lora-alpha"),  # would train nothing: LoRA's update is scaled by alpha / r
