@@ -58,6 +58,10 @@ def test_demo_writes_the_report_from_its_own_outputs(demo_run):
     for name in ("sppft", "sv", "both"):  # each defence gets a verdict from the numbers
         assert re.search(rf"\*\*{name}: (held|broke|no effect to keep)\*\*", reading)
     assert f"report: {out / 'REPORT.md'}" in result.stdout
+    base_task = json.loads((out / "eval" / "base.json").read_text())["summary"]["task"]
+    assert base_task["at_budget"]  # the tiny model rambles past the quick size's 16 tokens
+    assert "Task answers cut at the budget of 16 tokens" in reading  # the report says so, run by run
+    assert f"base {base_task['at_budget']}/{base_task['n']}" in reading
 
 
 def test_step_times_are_recorded_and_add_up(demo_run):
@@ -107,6 +111,14 @@ def test_a_folder_from_other_settings_is_not_reused(demo_run):
     assert "demo_settings.json records another run" in result.stderr and "--force" in result.stderr
     assert "[run ]" not in result.stdout and "[skip]" not in result.stdout
     assert json.loads((out / "demo_settings.json").read_text())["size"] == "quick"
+    # A folder of the same model and size whose steps ran with other flags (an older evaluation budget, say)
+    older = out.parent / "older"
+    older.mkdir()
+    settings = json.loads((out / "demo_settings.json").read_text())
+    settings["steps"]["ev"] = [flag.replace("16", "40") for flag in settings["steps"]["ev"]]
+    (older / "demo_settings.json").write_text(json.dumps(settings))
+    result = run_demo("--quick", "--model", model, "--out", str(older))
+    assert result.returncode != 0 and "records another run" in result.stderr and "[run ]" not in result.stdout
 
 
 def test_the_sweep_reuses_the_demos_cells_and_keeps_every_cells_outputs(demo_run):
@@ -129,6 +141,8 @@ def test_the_sweep_reuses_the_demos_cells_and_keeps_every_cells_outputs(demo_run
     assert sorted((d, int(s)) for d, s, _ in rows) == sorted((d, s) for d, s, _ in cells)
     assert all(bool(verdict) == (d not in ("lora", "full")) for d, _, verdict in rows)
     assert (out / "sweep.png").stat().st_size > 1000
+    cut = [json.loads((out / "eval" / f"{demo.cell_id(*c)}.json").read_text())["summary"]["task"] for c in cells]
+    assert any(task["at_budget"] for task in cut) and "Task answers cut at the budget of 16 tokens" in report
     again = run_demo("--quick", "--sweep", "--model", model, "--out", str(out))
     assert again.returncode == 0 and "[run ]" not in again.stdout and again.stdout.count("[skip]") == 23
     # step_times.json now holds every cell's step; a report on a smaller grid times only that grid's steps.
