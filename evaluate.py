@@ -46,8 +46,10 @@ PARTS = {"harmful": ("--harmful", "unsafe"), "over_refusal": ("--over-rejection"
 # can be told from a bare affirmation; below 64 it hardly can, above 128 a CPU run grows long.
 MAX_NEW_TOKENS = 96
 # The task's own budget ("auto"): 3x its longest reference answer (a chat model explains more than a reference
-# does), between 128 and 512 tokens; 256 when the rows have no reference text.
-TASK_BUDGET_FACTOR, TASK_BUDGET_MIN, TASK_BUDGET_MAX, TASK_BUDGET_NO_REFERENCE = 3, 128, 512, 256
+# does), between 256 and 512 tokens; 256 when the rows have no reference text. Not less than 256: the aligned
+# qwen-coder-0.5b works data/task_test.jsonl's sums out step by step, and at 128 tokens 56 of 80 base answers
+# were cut before their result (accuracy 0.34; 0.79 at 256, none cut).
+TASK_BUDGET_FACTOR, TASK_BUDGET_MIN, TASK_BUDGET_MAX, TASK_BUDGET_NO_REFERENCE = 3, 256, 512, 256
 EXAMPLES = 2  # example answers per class in the reports
 Z95 = 1.959964  # standard normal quantile of a two-sided 95% interval
 CLASSES = {"harmful": safeft_judge.HARMFUL_CLASSES, "over_refusal": safeft_judge.OVER_REFUSAL_CLASSES}

@@ -479,7 +479,7 @@ def test_task_budget_is_its_own(tiny_llama, data_files, tmp_path, monkeypatch):
     monkeypatch.setattr(safeft, "generate_greedy", fake_generate)
     result = ev.main(["--model", tiny_llama, *data_args(data_files), "--max-new-tokens", "8",
                       "--out", str(tmp_path / "a.json")])
-    assert BUDGETS == {"harmful": 8, "over_refusal": 8, "task": ev.TASK_BUDGET_MIN}  # auto: 3 x ~10 tokens -> 128
+    assert BUDGETS == {"harmful": 8, "over_refusal": 8, "task": ev.TASK_BUDGET_MIN}  # auto: 3 x ~10 tokens -> the floor
     assert any("--max-new-tokens 8" in n for n in result["settings"]["notes"])  # too short to show content
     result = ev.main(["--model", tiny_llama, *data_args(data_files), "--task-max-new-tokens", "40",
                       "--out", str(tmp_path / "b.json")])
