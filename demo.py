@@ -43,6 +43,9 @@ HARMFUL_DATA = os.path.join(ROOT, "data", "harmful_train.jsonl")
 # --task-max-new-tokens 256: room for a base model that works the sum out step by step before its answer. At 40
 # tokens every one of the aligned model's 80 base answers was cut before its result (accuracy 0.05; 0.79 at 256,
 # none cut), while the fine-tunes answer in the taught one-line form: the task column compared formats, not sums.
+# The lab keeps 48: SmolLM2 gets few sums right at any budget (base 4/40 at 48 tokens, 6/40 at 256) and a class
+# waits for every token (its base task pass: 12 s at 48, 271 s at 256 beside another job); its report counts the
+# cut answers.
 # sweep: the grid of --sweep. On CPU a cell costs about 4 minutes, most of it the evaluation, so the cpu grid is
 # the benign control and the demo's share at 1 and 2 epochs for the LoRA defences, and full fine-tuning with and
 # without the freeze at the demo's attack: 18 cells, 13 beyond the demo's (about an hour on 2 cores).
@@ -55,7 +58,7 @@ SIZES = {
     "lab": dict(model="smollm2", rows=40, share=25, epochs=1, lr="5e-4",
                 ll=["--limit", "100", "--scale", "1.2", "--search-radius", "2"], sv=["--max-steps", "20"],
                 ft=["--micro-batch-size", "4"],
-                ev=["--limit", "40", "--max-new-tokens", "64", "--task-max-new-tokens", "256", "--no-response-loss"],
+                ev=["--limit", "40", "--max-new-tokens", "64", "--task-max-new-tokens", "48", "--no-response-loss"],
                 sweep=dict(shares=[0, 10, 25, 50], epochs=[1], full_shares=[25], full_epochs=[1])),
     "quick": dict(model="smollm2", rows=8, share=25, epochs=1, lr="5e-4",
                   ll=["--limit", "24", "--pairs", "100", "--search-radius", "1"], sv=["--max-steps", "4"],
