@@ -14,8 +14,8 @@ judged on the harmful rate (with content) and on any compliance.
 Everything lands under --out; the sweep reuses the demo's cells, and a step whose outputs are there is skipped,
 so an interrupted run picks up where it stopped (--force reruns every step). Step times go to step_times.json.
 
-    python demo.py                   # aligned qwen-coder-0.5b, 2-core CPU: about 40 minutes
-    python demo.py --sweep           # the attack-strength grid on the same model (CPU: about an hour more)
+    python demo.py                   # aligned qwen-coder-0.5b, 2-core CPU: about 45 minutes
+    python demo.py --sweep           # the attack-strength grid on the same model (CPU: about 1.5 hours more)
     python demo.py --quick           # a few-minute smoke run on SmolLM2-135M
     python demo.py --size lab        # SmolLM2-135M, the fast teaching-lab variant (not aligned: nothing to keep)
     python demo.py --size gpu --sweep --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit   # the papers' scale
@@ -46,9 +46,9 @@ HARMFUL_DATA = os.path.join(ROOT, "data", "harmful_train.jsonl")
 # The lab keeps 48: SmolLM2 gets few sums right at any budget (base 4/40 at 48 tokens, 6/40 at 256) and a class
 # waits for every token (its base task pass: 12 s at 48, 271 s at 256 beside another job); its report counts the
 # cut answers.
-# sweep: the grid of --sweep. On CPU a cell costs about 4 minutes, most of it the evaluation, so the cpu grid is
+# sweep: the grid of --sweep. On CPU a cell costs about 6 minutes, most of it the evaluation, so the cpu grid is
 # the benign control and the demo's share at 1 and 2 epochs for the LoRA defences, and full fine-tuning with and
-# without the freeze at the demo's attack: 18 cells, 13 beyond the demo's (about an hour on 2 cores).
+# without the freeze at the demo's attack: 18 cells, 13 beyond the demo's (about 1.5 hours on 2 cores).
 SIZES = {
     "cpu": dict(model="qwen-coder-0.5b", rows=40, share=25, epochs=1, lr="3e-4",
                 ll=[], sv=[], ft=["--micro-batch-size", "4"],
