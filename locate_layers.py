@@ -136,7 +136,11 @@ def prefix_sharing_works(model, id_lists, pad_id, probe=4):
         return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     plain = next(forward_batches(model, sample, pad_id, probe, keep_cache=False))[1].logits[:, -1].float()
     diff = (shared - plain).abs().max().item()
-    if diff > (1e-4 if model.dtype == torch.float32 else 3e-2) * (1 + plain.abs().max().item()):
+    # A 4-bit model reports float32 but bitsandbytes computes it in bf16 on the GPU and on CPUs with AVX512-BF16,
+    # where even a plain forward moves by ~0.3 logits with the batch's padding: it gets the half-precision bound.
+    # A cache that does not share this way misses by whole logits, so either bound still catches it.
+    exact = model.dtype == torch.float32 and not getattr(model, "is_loaded_in_4bit", False)
+    if diff > (1e-4 if exact else 3e-2) * (1 + plain.abs().max().item()):
         return False, f"shared-prefix logits differ from a plain forward by {diff:.3g}"
     return True, f"{prefix_len} shared prefix tokens run once"
 

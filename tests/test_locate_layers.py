@@ -201,6 +201,24 @@ def test_shared_prefix_generation_equals_generate_greedy(loaded):
     assert ours == safeft.generate_greedy(model, tokenizer, OVER_REJECTION + NORMAL, template, 6, batch_size=4)
 
 
+def test_prefix_check_bound_follows_the_compute_precision(monkeypatch):
+    """A 4-bit model says float32 but computes in bf16 on some CPUs: a bf16-sized miss (0.3 logits in 30) passes
+    there and fails an fp32 model; a miss of whole logits (a cache that does not share) fails both."""
+    from types import SimpleNamespace
+    plain = torch.linspace(-30, 30, 4 * 10).reshape(4, 1, 10)
+
+    def check(model, miss):
+        def fake_batches(model, id_lists, pad_id, batch_size, prefix_len=0, keep_cache=True, desc=None):
+            yield None, SimpleNamespace(logits=plain + (miss if prefix_len else 0.0)), None, None
+        monkeypatch.setattr(ll, "forward_batches", fake_batches)
+        return ll.prefix_sharing_works(model, [[1, 2, 3], [1, 2, 4], [1, 2, 5, 6]], 0)[0]
+
+    fp32, four_bit = SimpleNamespace(dtype=torch.float32), SimpleNamespace(dtype=torch.float32, is_loaded_in_4bit=True)
+    assert check(fp32, 1e-5) and check(four_bit, 1e-5)
+    assert check(four_bit, 0.3) and not check(fp32, 0.3)
+    assert not check(four_bit, 3.0) and not check(SimpleNamespace(dtype=torch.bfloat16), 3.0)
+
+
 def test_search_keeps_weights_bit_identical_and_counts_its_cost(loaded):
     model, tokenizer, template = loaded
     before, hooks = {k: v.clone() for k, v in model.state_dict().items()}, hook_counts(model)
