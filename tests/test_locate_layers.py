@@ -574,6 +574,9 @@ def test_4bit_hook_equals_dequantized_scaled_weights(tmp_path):
     tolerance = 2 * kernel_noise + 1e-5
     assert float((scaled - logits_of(reference, tokenizer, template)).abs().max()) <= tolerance
     assert float((scaled - unscaled).abs().max()) > 10 * tolerance  # the scaling shows above that noise
+    # The shared-prefix shortcut passes its own check here too (bf16 kernels on those CPUs, exact elsewhere).
+    ids = ll.tokenize_prompts(tokenizer, OVER_REJECTION + NORMAL, template)
+    assert ll.prefix_sharing_works(model, ids, tokenizer.pad_token_id)[0]
     # No trace: the same logits as before, bit for bit. (Not compared through state_dict(): on those CPUs saving
     # unpacks the repacked weights through a bf16 absmax, which changes the next forward's numerics by itself.)
     torch.testing.assert_close(logits_of(model, tokenizer, template), unscaled, atol=0, rtol=0)
