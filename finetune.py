@@ -393,6 +393,8 @@ def finetune(args):
         print(f"loss {first} -> {log['final_loss']:.4f} over {log['steps']} steps, {log['tokens_per_s']:.0f} "
               f"tokens/s, peak memory {peak[0]} MB", file=sys.stderr)
         kept = f"; checkpoints in {root}" if log["checkpoints"] else ""
+        events = safeft.tensorboard_folder(trainer)
+        kept += f"; TensorBoard logs in {events}" if events else ""
         print(f"wrote {args.out} ({'LoRA adapter' if args.method == 'lora' else 'model'} + train_log.json){kept}")
     return log
 

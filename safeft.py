@@ -125,17 +125,17 @@ def command_line(argv):
 def run_main(procedure, parser, argv, resume_hint=None):
     """Parses argv (command_line) and runs procedure(args): a UserError is one line on stderr and exit code 2,
     Ctrl-C one line that says what was kept (resume_hint(args) gives it) and exit code 130."""
-    args = parser.parse_args(command_line(argv))
-    restore_libraries = quiet_libraries()
-    distributed = torch.distributed.is_available()
+    restore_libraries = quiet_libraries()  # first: a flag's check may import a library that logs at import
+    distributed, args = torch.distributed.is_available(), None
     group_was_open = distributed and torch.distributed.is_initialized()  # a caller's own group is the caller's
     try:
+        args = parser.parse_args(command_line(argv))
         return procedure(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
-        hint = resume_hint(args) if resume_hint else None
+        hint = resume_hint(args) if resume_hint and args else None
         print(f"\ninterrupted: {hint or 'nothing was written'}", file=sys.stderr)
         raise SystemExit(130)
     finally:
@@ -167,6 +167,23 @@ non_negative_int = _number(int, 0, True)
 positive_float = _number(float, 0, False)
 non_negative_float = _number(float, 0, True)
 fraction = _number(float, 0, True, 1)  # [0, 1): dropout, warm-up share
+
+
+def report_targets(text):
+    """--report-to: none, all, or integrations by name, comma-separated. Each is checked here, before any weights
+    load: the Trainer would stop with a traceback at its start on a name it does not know or cannot import."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names in (["none"], ["all"]):
+        return names[0]
+    from transformers.integrations import integration_utils as integrations
+    known, installed = integrations.INTEGRATION_TO_CALLBACK, integrations.get_available_reporting_integrations()
+    for name in names or [text]:
+        if name not in known:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a logging integration of transformers (none, all, "
+                                             f"or a comma-separated list of: {', '.join(sorted(known))})")
+        if name not in installed:
+            raise argparse.ArgumentTypeError(f"{name}: its package is not installed here")
+    return names
 
 
 def add_common_args(parser, out_default, bound):
@@ -228,8 +245,9 @@ def add_training_args(parser, *, lora_r, lora_alpha, lr, epochs, micro_batch_siz
     train.add_argument("--gradient-checkpointing", default=None, action=argparse.BooleanOptionalAction,
                        help="recompute activations in the backward pass (less memory, ~30%% slower); "
                             "unset = on with CUDA, off on CPU")
-    train.add_argument("--report-to", default="none",
-                       help="logging integrations for the Trainer (e.g. wandb, tensorboard; none = off)")
+    train.add_argument("--report-to", type=report_targets, default="none",
+                       help="logging integrations for the Trainer, comma-separated (e.g. wandb,tensorboard; "
+                            "all = every one installed; none = off)")
     return train
 
 
@@ -1216,6 +1234,12 @@ def training_arguments(args, output_dir, **overrides):
         use_cpu=not torch.cuda.is_available())  # else torchrun on CPU (gloo) trains each process on its own
     settings.update(overrides)
     return TrainingArguments(**settings)
+
+
+def tensorboard_folder(trainer):
+    """Where the Trainer's TensorBoard callback wrote its events (None without one), for the run to say so."""
+    return next((cb.logging_dir for cb in trainer.callback_handler.callbacks
+                 if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", None)), None)
 
 
 # -- generation and refusals --

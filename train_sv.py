@@ -158,7 +158,8 @@ def adapter_settings(peft_model, target_modules):
 
 
 def train_vectors(peft_model, examples, keep, args, keep_weight, pad_token_id, output_dir):
-    """Trains the vectors with the Trainer -> {"losses", "keep_kl", "lrs", "steps", "warmup_steps", "world_size"}."""
+    """Trains the vectors with the Trainer -> {"losses", "keep_kl", "lrs", "steps", "warmup_steps", "world_size",
+    "tensorboard_logs"}."""
     training_args = safeft.training_arguments(args, output_dir)
     trainer = vector_trainer_class()(
         model=peft_model, args=training_args, train_dataset=examples, keep_weight=keep_weight if keep else 0.0,
@@ -166,7 +167,13 @@ def train_vectors(peft_model, examples, keep, args, keep_weight, pad_token_id, o
     trainer.train()
     peft_model.eval()
     steps = [h for h in trainer.state.log_history if "response_loss" in h]
-    return {"losses": [h["response_loss"] for h in steps], "lrs": [h["learning_rate"] for h in steps],
+    # TensorBoard writes into output_dir, the temporary folder that becomes --out, so its path is kept relative to
+    # that; TENSORBOARD_LOGGING_DIR may put it elsewhere, and then the path stays as it is.
+    events, root = safeft.tensorboard_folder(trainer), os.path.abspath(output_dir)
+    if events and os.path.commonpath([os.path.abspath(events), root]) == root:
+        events = os.path.relpath(events, root)
+    return {"tensorboard_logs": events,
+            "losses": [h["response_loss"] for h in steps], "lrs": [h["learning_rate"] for h in steps],
             "keep_kl": [h["keep_kl"] for h in steps] if keep and keep_weight else None,
             "steps": trainer.state.global_step, "world_size": training_args.world_size,
             "warmup_steps": training_args.get_warmup_steps(trainer.state.max_steps)}
@@ -323,6 +330,7 @@ def run(args):
             },
             "steps": log["steps"], "losses": log["losses"], "keep_kl": log["keep_kl"], "lrs": log["lrs"],
             "final_loss": log["losses"][-1] if log["losses"] else None, "check": check,
+            "tensorboard_logs": log["tensorboard_logs"],
             "resumed_from": ({"dir": args.resume, "steps": resume["meta"].get("steps"),
                               "final_loss": resume["meta"].get("final_loss")} if resume else None),
             "seed": args.seed, "wall_time_s": round(time.time() - started, 2), "timing_s": timing,
@@ -353,7 +361,9 @@ def print_summary(meta, out):
     if check.get("keep_kl") is not None:
         print(f"check: KL(base || base+vectors) on {check['keep_rows']} keep rows {check['keep_kl']:.4f}")
     print(f"wall time {meta['wall_time_s']:.0f} s, peak memory {meta['peak_memory_mb']} MB")
-    print(f"wrote {os.path.join(out, 'adapter_model.safetensors')} and {os.path.join(out, 'sv_meta.json')}")
+    print(f"wrote {os.path.join(out, 'adapter_model.safetensors')} and {os.path.join(out, 'sv_meta.json')}"
+          + (f"; TensorBoard logs in {os.path.join(out, meta['tensorboard_logs'])}" if meta.get("tensorboard_logs")
+             else ""))
 
 
 def build_parser():

@@ -626,6 +626,43 @@ def test_quiet_libraries_holds_in_a_process_that_has_not_imported_transformers_y
     assert "hub retry noise" not in result.stderr and "hub shown again" in result.stderr
 
 
+def test_report_to_is_checked_at_the_flag(monkeypatch, capsys):
+    """A name the Trainer does not know, or whose package is missing, stopped the run with a traceback after the
+    weights had loaded; now it is one line naming --report-to, exit 2, before anything loads."""
+    import argparse
+
+    from transformers.integrations import integration_utils
+
+    import finetune
+    import train_sv
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    assert h.report_targets("none") == "none" and h.report_targets("all") == "all"
+    assert h.report_targets(" tensorboard ") == ["tensorboard"]  # a list: the Trainer takes one
+    for text, why in [("tensorboard,wandb", "wandb: its package is not installed"),
+                      ("tensorbord", "'tensorbord' is not a logging integration"), ("", "'' is not")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            h.report_targets(text)
+    for script in (finetune, train_sv):
+        with pytest.raises(SystemExit) as stop:
+            script.main(["--report-to", "wandb", "--model", "/no/such/model"])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            "argument --report-to: wandb: its package is not installed here")
+
+
+def test_a_flag_error_leaves_the_libraries_as_they_were():
+    """quiet_libraries now runs before the flags are parsed (a flag's check imports transformers' integrations,
+    which import bitsandbytes, which logs at import): an argparse error must still put everything back."""
+    import argparse
+    import warnings
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int)
+    filters = list(warnings.filters)
+    with pytest.raises(SystemExit):
+        h.run_main(lambda args: None, parser, ["--n", "x"])
+    assert warnings.filters == filters
+
+
 def test_main_called_bare_in_a_notebook_runs_with_the_defaults(monkeypatch):
     """A kernel's own arguments (-f kernel.json) would be an argparse error; a script's are the user's."""
     import argparse
