@@ -125,17 +125,17 @@ def command_line(argv):
 def run_main(procedure, parser, argv, resume_hint=None):
     """Parses argv (command_line) and runs procedure(args): a UserError is one line on stderr and exit code 2,
     Ctrl-C one line that says what was kept (resume_hint(args) gives it) and exit code 130."""
-    restore_libraries = quiet_libraries()  # first: a flag's check may import a library that logs at import
-    distributed, args = torch.distributed.is_available(), None
+    args = parser.parse_args(command_line(argv))
+    restore_libraries = quiet_libraries()
+    distributed = torch.distributed.is_available()
     group_was_open = distributed and torch.distributed.is_initialized()  # a caller's own group is the caller's
     try:
-        args = parser.parse_args(command_line(argv))
         return procedure(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
-        hint = resume_hint(args) if resume_hint and args else None
+        hint = resume_hint(args) if resume_hint else None
         print(f"\ninterrupted: {hint or 'nothing was written'}", file=sys.stderr)
         raise SystemExit(130)
     finally:
@@ -175,7 +175,11 @@ def report_targets(text):
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names in (["none"], ["all"]):
         return names[0]
-    from transformers.integrations import integration_utils as integrations
+    restore = quiet_libraries()  # the integrations import bitsandbytes, which logs a failed kernel download
+    try:
+        from transformers.integrations import integration_utils as integrations
+    finally:
+        restore()
     known, installed = integrations.INTEGRATION_TO_CALLBACK, integrations.get_available_reporting_integrations()
     for name in names or [text]:
         if name not in known:

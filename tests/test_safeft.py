@@ -648,19 +648,12 @@ def test_report_to_is_checked_at_the_flag(monkeypatch, capsys):
         assert stop.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1].endswith(
             "argument --report-to: wandb: its package is not installed here")
-
-
-def test_a_flag_error_leaves_the_libraries_as_they_were():
-    """quiet_libraries now runs before the flags are parsed (a flag's check imports transformers' integrations,
-    which import bitsandbytes, which logs at import): an argparse error must still put everything back."""
-    import argparse
-    import warnings
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int)
-    filters = list(warnings.filters)
-    with pytest.raises(SystemExit):
-        h.run_main(lambda args: None, parser, ["--n", "x"])
-    assert warnings.filters == filters
+    # The check imports transformers' integrations, and through them bitsandbytes, which logs a failed kernel
+    # download at import on some machines (this one): in a fresh process, nothing but our line may show.
+    code = ("import argparse, safeft\ntry:\n    safeft.report_targets('tensorbord')\n"
+            "except argparse.ArgumentTypeError:\n    pass")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_main_called_bare_in_a_notebook_runs_with_the_defaults(monkeypatch):
