@@ -174,13 +174,9 @@ def stand_in_for_gguf_loaders(monkeypatch, stand_in):
 def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, monkeypatch):
     """torchrun starts every rank on a new .gguf at once: each converts it, and the first to finish may already be
     loading its folder when the next one finishes. The later one keeps that folder instead of swapping it away."""
-    import hashlib
-
     gguf_file, cache = tmp_path / "m.gguf", tmp_path / "cache"
     gguf_file.write_bytes(b"GGUF")
-    stat = os.stat(gguf_file)
-    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    theirs = cache / f"m-{key}"
+    theirs = cache / f"m-{h.sha256_file(str(gguf_file))[:12]}"
 
     class StandIn:  # the tokenizer, the config, the GGUF model and the plain model: each writes one file
         def save_pretrained(self, folder):
@@ -249,6 +245,35 @@ def test_a_converted_tokenizer_that_garbles_text_is_converted_again_or_refused(t
                                           r"that garbles text"):
         h.convert_gguf(str(gguf_file))
     assert os.listdir(cache) == [os.path.basename(target)] and os.path.isdir(os.path.join(target, "kept"))
+
+
+def test_gguf_conversion_is_keyed_by_the_files_bytes_not_its_place(tmp_path, monkeypatch):
+    """An embedded model's GGUF lies in a venv: each new venv used to convert it again (0.5 GB a time)."""
+    converted = []
+
+    class StandIn:
+        def save_pretrained(self, folder):
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                f.write("{}")
+
+        def state_dict(self):
+            converted.append(1)
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    monkeypatch.setenv("SAFE_FT_CACHE", str(tmp_path / "cache"))
+    stand_in_for_gguf_loaders(monkeypatch, StandIn)
+    monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: True)
+    first, second = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF weights")
+    os.utime(second, (1, 1))
+    assert h.convert_gguf(str(first)) == h.convert_gguf(str(second)) and len(converted) == 1
+    second.write_bytes(b"GGUF other weights")  # other bytes at a known place: converted anew
+    assert h.convert_gguf(str(second)) != h.convert_gguf(str(first)) and len(converted) == 2
 
 
 def test_gguf_that_transformers_cannot_load(tmp_path, monkeypatch):
