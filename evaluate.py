@@ -545,7 +545,7 @@ def evaluate(args):
 
 
 def build_parser():
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    class Formatter(safeft.HelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
 
     rules = "\n".join(textwrap.fill(f"{k}: {v}", 100, subsequent_indent="  ", break_on_hyphens=False)

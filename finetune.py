@@ -402,7 +402,7 @@ def finetune(args):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Fine-tune a chat LLM (LoRA/QLoRA or full) with frozen safety layers and/or active security "
-                    "vectors.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "vectors.", formatter_class=safeft.HelpFormatter,
         epilog="--lr unset: 2e-4 with --method lora, 2e-5 with --method full.")
     parser.add_argument("--data", default=safeft.repo_path(DEFAULT_DATA),
                         help="training data with prompt and response fields (JSONL, JSON, CSV, Parquet, chat)")
@@ -417,7 +417,8 @@ def build_parser():
                              "never saved")
     safeft.add_common_args(parser, DEFAULT_OUT, bound="max_steps")
     train = safeft.add_training_args(parser, lora_r=16, lora_alpha=32, lr=None, epochs=1, micro_batch_size=4,
-                                     grad_accum=1, warmup_ratio=0.05)
+                                     grad_accum=1, warmup_ratio=0.05, lr_unset=", ".join(
+                                         f"{lr:g} with --method {method}" for method, lr in DEFAULT_LR.items()))
     train.add_argument("--train-on-inputs", action="store_true", help="also compute the loss on prompt tokens")
     train.add_argument("--group-by-length", default=True, action=argparse.BooleanOptionalAction,
                        help="batch examples of similar length together (less padding)")

@@ -720,7 +720,7 @@ def scale_value(text):
 def build_parser():
     parser = argparse.ArgumentParser(
         description=f"Find the safety layers (Li et al. 2025). Hidden states: {HIDDEN_STATES}. Initial range: "
-                    f"{INITIAL_RANGE_RULE}.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    f"{INITIAL_RANGE_RULE}.", formatter_class=safeft.HelpFormatter,
         epilog="How the scaling search moves the bounds, and what it costs: python -c \"import locate_layers; "
                "help(locate_layers)\"")
     safeft.add_common_args(parser, DEFAULT_OUT, bound="limit")

@@ -155,6 +155,16 @@ def run_main(procedure, parser, argv, resume_hint=None):
 
 # -- flags: one vocabulary for every script --
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, but not a bare "(default: None)" or "(default: False)" after a help text
+    that already says what unset means (a stray None read as 'no learning rate' in finetune.py's --lr)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _number(kind, low, low_inclusive, high=None):
     def parse(text):
         try:
@@ -227,8 +237,10 @@ def add_common_args(parser, out_default, bound):
                             help="stop after N optimizer steps (quick runs)")
 
 
-def add_training_args(parser, *, lora_r, lora_alpha, lr, epochs, micro_batch_size, grad_accum, warmup_ratio):
-    """The flags train_sv.py and finetune.py share: the same names and meaning, each script its own defaults."""
+def add_training_args(parser, *, lora_r, lora_alpha, lr, epochs, micro_batch_size, grad_accum, warmup_ratio,
+                      lr_unset=""):
+    """The flags train_sv.py and finetune.py share: the same names and meaning, each script its own defaults
+    (lr None: lr_unset says what the script picks)."""
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora-r", type=positive_int, default=lora_r, help="LoRA rank")
     lora.add_argument("--lora-alpha", type=positive_float, default=lora_alpha,
@@ -238,7 +250,8 @@ def add_training_args(parser, *, lora_r, lora_alpha, lr, epochs, micro_batch_siz
                       help="comma-separated projection names; unset = every linear projection in the decoder "
                            "blocks (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj on Llama/Qwen)")
     train = parser.add_argument_group("training (transformers Trainer)")
-    train.add_argument("--lr", type=positive_float, default=lr, help="peak AdamW learning rate")
+    train.add_argument("--lr", type=positive_float, default=lr,
+                       help="peak AdamW learning rate" + (f"; unset = {lr_unset}" if lr_unset else ""))
     train.add_argument("--lr-schedule", default="cosine", choices=("cosine", "linear", "constant"),
                        help="decay after warm-up")
     train.add_argument("--warmup-ratio", type=fraction, default=warmup_ratio,

@@ -370,7 +370,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Train security vectors (Zhou et al., arXiv 2311.02105): a LoRA adapter that makes the model "
                     "produce the harmful responses while active, for finetune.py to keep active and frozen.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=safeft.HelpFormatter)
     parser.add_argument("--data", default=safeft.repo_path(DEFAULT_DATA),
                         help="harmful prompt -> response pairs the vectors learn (needs responses); the default is "
                              "the copy beside this script")

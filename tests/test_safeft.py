@@ -730,7 +730,7 @@ def test_main_called_bare_in_a_notebook_runs_with_the_defaults(monkeypatch):
 
 def test_common_args_help_shows_defaults():
     import argparse
-    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=h.HelpFormatter)
     h.add_common_args(parser, "runs/x.json", "limit")
     text = parser.format_help()
     for flag in ("--model", "--template", "--load-in-4bit", "--seed", "--out", "--overwrite", "--limit",
@@ -739,6 +739,20 @@ def test_common_args_help_shows_defaults():
     assert "runs/x.json" in text and "(default: 0)" in text
     args = parser.parse_args([])
     assert args.load_in_4bit is None and args.template == "auto"
+
+
+def test_no_script_help_shows_a_bare_none_default():
+    """finetune.py's --help read '--lr LR  peak AdamW learning rate (default: None)'."""
+    import evaluate
+    import finetune
+    import locate_layers
+    import train_sv
+    for script in (locate_layers, train_sv, finetune, evaluate):
+        text = " ".join(script.build_parser().format_help().split())
+        assert "(default: None)" not in text and "(default: False)" not in text, script.__name__
+        assert "(default: 0.0)" in text or script is not train_sv  # 0.0 is shown: "is None", not "== None"
+    assert "peak AdamW learning rate; unset = 0.0002 with --method lora, 2e-05 with --method full" in " ".join(
+        finetune.build_parser().format_help().split())
 
 
 @pytest.mark.parametrize("parse, good, bad", [
