@@ -139,10 +139,11 @@ def run_main(procedure, parser, argv, resume_hint=None):
         hint = resume_hint(args) if resume_hint else None
         print(f"\ninterrupted: {hint or 'nothing was written'}", file=sys.stderr)
         raise SystemExit(130)
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except Exception as err:  # a full disk: OSError from Python, SafetensorError from the adapter and model writes
+        if getattr(err, "errno", None) != errno.ENOSPC and "No space left on device" not in str(err):
             raise
-        print(f"error: the disk is full{f' (writing {err.filename})' if err.filename else ''}", file=sys.stderr)
+        where = getattr(err, "filename", None) or getattr(args, "out", None)
+        print(f"error: the disk is full{f' (writing {where})' if where else ''}", file=sys.stderr)
         raise SystemExit(1)
     finally:
         # Under torchrun the Trainer (accelerate) opens a process group. Left to the interpreter's exit, gloo's

@@ -308,6 +308,15 @@ def test_a_write_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, 
         h.run_main(fills_the_disk, argparse.ArgumentParser(), [])
     assert exit_.value.code == 1
     assert capsys.readouterr().err == f"error: the disk is full (writing {tmp_path / 'out.bin'})\n"
+    from safetensors import SafetensorError
+
+    def adapter_fills_the_disk(args):  # what safetensors raised writing to a full tmpfs: no errno, the OS's words
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    with pytest.raises(SystemExit) as exit_:
+        h.run_main(adapter_fills_the_disk, parser, ["--out", "runs/ft"])
+    assert exit_.value.code == 1 and capsys.readouterr().err == "error: the disk is full (writing runs/ft)\n"
 
 
 def test_gguf_that_transformers_cannot_load(tmp_path, monkeypatch):
