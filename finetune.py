@@ -402,8 +402,7 @@ def finetune(args):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Fine-tune a chat LLM (LoRA/QLoRA or full) with frozen safety layers and/or active security "
-                    "vectors.", formatter_class=safeft.HelpFormatter,
-        epilog="--lr unset: 2e-4 with --method lora, 2e-5 with --method full.")
+                    "vectors.", formatter_class=safeft.HelpFormatter)
     parser.add_argument("--data", default=safeft.repo_path(DEFAULT_DATA),
                         help="training data with prompt and response fields (JSONL, JSON, CSV, Parquet, chat)")
     parser.add_argument("--method", default="lora", choices=("lora", "full"),
