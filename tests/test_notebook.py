@@ -95,3 +95,27 @@ def test_documented_commands_use_flags_the_scripts_accept():
                 assert used <= flags[name], f"{os.path.relpath(path, ROOT)}: {name} {sorted(used - flags[name])}"
                 checked += 1
     assert checked >= 30  # the pattern still finds the commands
+
+
+def test_notebook_separates_benign_erosion_from_the_harmful_rows():
+    """Benign fine-tuning alone erodes a small aligned model's refusals (README): without a control trained on the
+    task rows alone, a reader would credit the harmful rows with all the damage. The control must be fine-tuned on
+    the task data only, evaluated, and in the comparison."""
+    calls = notebook_calls()
+    outs = {}
+    for name, argv in calls:
+        if name == "finetune.py":
+            outs[argv[argv.index("--out") + 1]] = argv[argv.index("--data") + 1] if "--data" in argv else None
+    controls = [out for out, data in outs.items() if data == "data/task_train.jsonl"]
+    assert controls, "no fine-tune on the task rows alone"
+    assert any(data == "data/mixed_train.jsonl" for data in outs.values())
+    evaluated = {argv[argv.index("--adapter") + 1]: argv[argv.index("--out") + 1]
+                 for name, argv in calls if name == "evaluate.py" and "--adapter" in argv}
+    assert controls[0] in evaluated
+    compared = [argv for name, argv in calls if name == "evaluate.py" and "--compare" in argv]
+    assert compared and evaluated[controls[0]] in compared[0]
+    def prompts(name, source=None):
+        with open(os.path.join(ROOT, "data", name), encoding="utf-8") as f:
+            return {row["prompt"] for row in map(json.loads, f) if source in (None, row.get("source"))}
+    # the control's rows are the attack's task rows, none of its harmful ones
+    assert prompts("task_train.jsonl") == prompts("mixed_train.jsonl", "task")
