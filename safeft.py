@@ -724,6 +724,26 @@ def cache_root():
     return os.environ.get("SAFE_FT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "safe-finetune")
 
 
+@contextlib.contextmanager
+def cache_lock(target):
+    """One process at a time makes a cache entry; the others wait, then find it made. torchrun starts every rank
+    at once, and each converted its own copy: N times the memory and disk of one conversion (float32 weights, 2.5
+    GB for the 0.5B model) on a machine with N GPUs. The lock file stays: deleting it would let a waiting process
+    and a new one each hold a lock. Without fcntl (Windows) there is no lock; a slower process then keeps the
+    first one's conversion (convert_gguf)."""
+    try:
+        import fcntl
+        os.makedirs(cache_root(), exist_ok=True)
+        lock = open(os.path.join(cache_root(), os.path.basename(target) + ".lock"), "a")
+    except (ImportError, OSError):  # Windows, or a shared cache this user may read but not write: no lock
+        yield
+        return
+    with lock:
+        with contextlib.suppress(OSError):  # a file system without locks (some network mounts): go on without
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def embedded_gguf(name):
     """The GGUF file of an embedded model: in its package, or assembled once from its parts into the cache
     (checked against the published size and sha256, written atomically)."""
@@ -740,19 +760,20 @@ def embedded_gguf(name):
     if len(parts) == 1:
         return parts[0]
     target = os.path.join(cache_root(), spec["gguf"])
-    if os.path.isfile(target) and os.path.getsize(target) == spec["size"]:
-        return target
-    check_room(spec["size"], cache_root(), f"--model {name}: assembling its GGUF")
-    print(f"assembling {spec['gguf']} from {len(parts)} packages into {cache_root()} (once)", file=sys.stderr)
-    with atomic_file(target, ".gguf") as tmp:
-        with open(tmp, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out)
-        size, digest = os.path.getsize(tmp), sha256_file(tmp)
-        if size != spec["size"] or digest != spec["sha256"]:
-            raise UserError(f"--model {name}: the parts give {size} bytes with sha256 {digest[:12]}..., "
-                            f"expected {spec['size']} and {spec['sha256'][:12]}... (reinstall: {spec['install']})")
+    with cache_lock(target):  # another process may be assembling it: wait, then use theirs
+        if os.path.isfile(target) and os.path.getsize(target) == spec["size"]:
+            return target
+        check_room(spec["size"], cache_root(), f"--model {name}: assembling its GGUF")
+        print(f"assembling {spec['gguf']} from {len(parts)} packages into {cache_root()} (once)", file=sys.stderr)
+        with atomic_file(target, ".gguf") as tmp:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, out)
+            size, digest = os.path.getsize(tmp), sha256_file(tmp)
+            if size != spec["size"] or digest != spec["sha256"]:
+                raise UserError(f"--model {name}: the parts give {size} bytes with sha256 {digest[:12]}..., "
+                                f"expected {spec['size']} and {spec['sha256'][:12]}... (reinstall: {spec['install']})")
     return target
 
 
@@ -790,40 +811,41 @@ def convert_gguf(path):
     # convert it once into an ordinary safetensors model folder and load that afterwards.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     target = os.path.join(cache_root(), f"{os.path.basename(path)[:-5]}-{gguf_cache_key(path)}")
-    done = os.path.isfile(os.path.join(target, "config.json"))
-    if done and tokenizer_reads_text(target):
+    with cache_lock(target):  # another rank may be converting it: wait, then use theirs
+        done = os.path.isfile(os.path.join(target, "config.json"))
+        if done and tokenizer_reads_text(target):
+            return target
+        broken = os.path.exists(target)  # no config.json, or a tokenizer that garbles text: replace it
+        print(f"converting {path} to a safetensors model in {target} "
+              f"({'again: the cached tokenizer garbles text' if done else 'once'})", file=sys.stderr)
+        folder, name = os.path.split(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"--model: transformers cannot load {path} ({str(e).splitlines()[0][:200]})")
+        weights = quantized.state_dict()
+        stored = {t.data_ptr(): t.numel() * 4 for t in weights.values()}  # tied embeddings are stored once
+        check_room(sum(stored.values()), cache_root(), f"--model: converting {path} to float32")
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(weights)
+        try:
+            with output_dir(target, overwrite=broken) as tmp:
+                plain.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                if not tokenizer_reads_text(tmp):
+                    import transformers
+                    raise UserError(f"--model: transformers {transformers.__version__} converts the tokenizer of "
+                                    f"{path} into one that garbles text (5.5 did so for SmolLM2); use another "
+                                    f"version, or give --model a converted model folder")
+        except UserError:  # without the lock (Windows) another process may finish first and load it now: keep theirs
+            if not (os.path.isfile(os.path.join(target, "config.json")) and tokenizer_reads_text(target)):
+                raise
         return target
-    broken = os.path.exists(target)  # no config.json, or a tokenizer that garbles text: replace it
-    print(f"converting {path} to a safetensors model in {target} "
-          f"({'again: the cached tokenizer garbles text' if done else 'once'})", file=sys.stderr)
-    folder, name = os.path.split(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"--model: transformers cannot load {path} ({str(e).splitlines()[0][:200]})")
-    weights = quantized.state_dict()
-    stored = {t.data_ptr(): t.numel() * 4 for t in weights.values()}  # tied embeddings are stored once
-    check_room(sum(stored.values()), cache_root(), f"--model: converting {path} to float32")
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(weights)
-    try:
-        with output_dir(target, overwrite=broken) as tmp:
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if not tokenizer_reads_text(tmp):
-                import transformers
-                raise UserError(f"--model: transformers {transformers.__version__} converts the tokenizer of {path} "
-                                f"into one that garbles text (5.5 did so for SmolLM2); use another version, or "
-                                f"give --model a converted model folder")
-    except UserError:  # another process (torchrun's other ranks) finished first, maybe loading it now: keep theirs
-        if not (os.path.isfile(os.path.join(target, "config.json")) and tokenizer_reads_text(target)):
-            raise
-    return target
 
 
 _READS_TEXT = set()  # folders whose tokenizer passed, so the three loads of a run check it once

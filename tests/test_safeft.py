@@ -163,6 +163,11 @@ def test_model_path_errors(tmp_path):
         h.load_config("no-such-org/no-such-model")  # offline: one line, no library traceback
 
 
+def cache_entries(cache):
+    """What a cache folder holds besides its lock files (cache_lock's, which stay)."""
+    return sorted(name for name in os.listdir(cache) if not name.endswith(".lock"))
+
+
 def stand_in_for_gguf_loaders(monkeypatch, stand_in):
     """convert_gguf's four transformers loaders (tokenizer, config, GGUF model, plain model) each return stand_in()."""
     import transformers
@@ -201,7 +206,75 @@ def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, 
     stand_in_for_gguf_loaders(monkeypatch, StandIn)
     assert h.convert_gguf(str(gguf_file)) == str(theirs)
     assert json.loads((theirs / "config.json").read_text()) == {"winner": True}  # untouched
-    assert os.listdir(theirs) == ["config.json"] and os.listdir(cache) == [theirs.name]  # no temporary folder left
+    assert os.listdir(theirs) == ["config.json"] and cache_entries(cache) == [theirs.name]  # no temporary folder left
+
+
+CONVERT_IN_A_PROCESS = """
+import os, sys, time
+import transformers
+import safeft
+gguf_file, go = sys.argv[1:]
+
+
+class StandIn:  # a conversion that takes a second, so that the two processes overlap
+    def save_pretrained(self, folder):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            f.write("{}")
+
+    def state_dict(self):
+        time.sleep(1)
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+for loader, name in ((transformers.AutoTokenizer, "from_pretrained"), (transformers.AutoConfig, "from_pretrained"),
+                     (transformers.AutoModelForCausalLM, "from_pretrained"),
+                     (transformers.AutoModelForCausalLM, "from_config")):
+    setattr(loader, name, lambda *a, **k: StandIn())
+safeft.tokenizer_reads_text = lambda folder: os.path.isfile(os.path.join(folder, "config.json"))
+while not os.path.exists(go):  # both start converting at the same moment
+    time.sleep(0.01)
+print(safeft.convert_gguf(gguf_file))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fcntl") is None, reason="no file locks here (Windows)")
+def test_processes_started_together_convert_a_gguf_once(tmp_path):
+    """torchrun starts every rank at once, and each converted the GGUF itself: N times the memory and disk of one
+    conversion (2.5 GB of float32 for the 0.5B model) on a machine with N GPUs. Now one converts, the others wait
+    for it and load its folder."""
+    gguf_file, go, cache = tmp_path / "m.gguf", tmp_path / "go", tmp_path / "cache"
+    gguf_file.write_bytes(b"GGUF")
+    env = dict(os.environ, SAFE_FT_CACHE=str(cache), PYTHONPATH=ROOT)
+    ranks = [subprocess.Popen([sys.executable, "-c", CONVERT_IN_A_PROCESS, str(gguf_file), str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    results = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], results
+    folders = {out.strip() for out, _ in results}
+    assert len(folders) == 1 and cache_entries(cache) == [os.path.basename(folders.pop())]
+    assert sum(err.count("converting ") for _, err in results) == 1, results
+
+
+def test_a_converted_model_loads_from_a_cache_where_no_lock_file_can_be_made(tmp_path, monkeypatch):
+    """A cache someone else filled (read-only for this user, or a mount without locks) still serves its models."""
+    import builtins
+    gguf_file, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    gguf_file.write_bytes(b"GGUF")
+    done = cache / f"m-{h.sha256_file(str(gguf_file))[:12]}"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    monkeypatch.setenv("SAFE_FT_CACHE", str(cache))
+    monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: True)
+
+    def no_lock_files(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+    monkeypatch.setattr(h, "open", no_lock_files, raising=False)
+    assert h.convert_gguf(str(gguf_file)) == str(done)
 
 
 def test_a_converted_tokenizer_that_garbles_text_is_converted_again_or_refused(tmp_path, monkeypatch):
@@ -239,13 +312,13 @@ def test_a_converted_tokenizer_that_garbles_text_is_converted_again_or_refused(t
     verdicts = iter([False, True])  # the cached conversion garbles (an older transformers), the new one reads text
     monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: next(verdicts))
     assert h.convert_gguf(str(gguf_file)) == target and calls == ["converted"] * 2
-    assert os.listdir(cache) == [os.path.basename(target)]
+    assert cache_entries(cache) == [os.path.basename(target)]
     os.makedirs(os.path.join(target, "kept"))  # a marker: a refused conversion must not touch the cached folder
     monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: False)  # this transformers garbles every time
     with pytest.raises(h.UserError, match=r"^--model: transformers \S+ converts the tokenizer of .*m.gguf into one "
                                           r"that garbles text"):
         h.convert_gguf(str(gguf_file))
-    assert os.listdir(cache) == [os.path.basename(target)] and os.path.isdir(os.path.join(target, "kept"))
+    assert cache_entries(cache) == [os.path.basename(target)] and os.path.isdir(os.path.join(target, "kept"))
 
 
 def test_gguf_conversion_is_keyed_by_the_files_bytes_not_its_place(tmp_path, monkeypatch):
@@ -299,7 +372,7 @@ def test_a_write_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, 
         h.convert_gguf(str(gguf_file))
     with pytest.raises(h.UserError, match=r"^--model fake: assembling its GGUF needs"):
         h.embedded_gguf("fake")
-    assert os.listdir(cache) == []
+    assert cache_entries(cache) == []
     capsys.readouterr()
 
     def fills_the_disk(args):
@@ -361,14 +434,14 @@ def test_embedded_model_is_assembled_once_and_checked(fake_parts):
     tmp_path, blob, spec = fake_parts
     path = h.embedded_gguf("fake")
     assert open(path, "rb").read() == blob
-    assert os.listdir(tmp_path / "cache") == ["fake.gguf"]  # no temporary file left beside it
+    assert cache_entries(tmp_path / "cache") == ["fake.gguf"]  # no temporary file left beside it
     mtime = os.stat(path).st_mtime_ns
     assert h.embedded_gguf("fake") == path and os.stat(path).st_mtime_ns == mtime  # once
     os.remove(path)
     spec["sha256"] = "0" * 64
     with pytest.raises(h.UserError, match="--model fake: the parts give 3000 bytes .*reinstall"):
         h.embedded_gguf("fake")
-    assert os.listdir(tmp_path / "cache") == []  # a bad assembly leaves nothing behind
+    assert cache_entries(tmp_path / "cache") == []  # a bad assembly leaves nothing behind
 
 
 def test_embedded_model_names_the_missing_part(fake_parts):
