@@ -404,7 +404,7 @@ def build_parser():
         description="Fine-tune a chat LLM (LoRA/QLoRA or full) with frozen safety layers and/or active security "
                     "vectors.", formatter_class=safeft.HelpFormatter)
     parser.add_argument("--data", default=safeft.repo_path(DEFAULT_DATA),
-                        help="training data with prompt and response fields (JSONL, JSON, CSV, Parquet, chat)")
+                        help="training data with prompt and response fields (JSONL, JSON, CSV/TSV, Parquet, chat)")
     parser.add_argument("--method", default="lora", choices=("lora", "full"),
                         help="lora: LoRA adapters on every linear projection (QLoRA in 4-bit); full: every weight")
     parser.add_argument("--freeze-layers", default=None,

@@ -482,7 +482,7 @@ def output_dir(path, overwrite):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# -- data files: JSONL, JSON list, CSV with header, Parquet, datasets folders, or one prompt per line --
+# -- data files: JSONL, JSON list, CSV/TSV with header, Parquet, datasets folders, or one prompt per line --
 
 PROMPT_FIELDS = ("prompt", "instruction", "goal", "question", "query", "forbidden_prompt", "Behavior")
 RESPONSE_FIELDS = ("response", "output", "target", "answer", "completion")
@@ -526,7 +526,7 @@ def _pick_field(keys, wanted, candidates, path, what):
     found = next((n for n in candidates if n in keys), None) or next(
         (lowered[n.lower()] for n in candidates if n.lower() in lowered), None)
     if found is None and what == "prompt":
-        header = "; the first line of a CSV is its header" if str(path).lower().endswith(".csv") else ""
+        header = "; the first line of a CSV is its header" if str(path).lower().endswith((".csv", ".tsv")) else ""
         raise UserError(f"{path}: no {what} field found among {', '.join(map(str, keys))} "
                         f"(expected one of {', '.join(candidates)}; use --{what}-field{header})")
     return found
@@ -584,8 +584,12 @@ def _raw_records(path):
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{n}: not valid JSON ({e.msg})")
                 out.append((f"{path}:{n}", n, record))
-    elif ext == ".csv":  # always a header, also with one column: a headerless file would lose its first row
-        reader = csv.reader(io.StringIO(text))
+    elif ext in (".csv", ".tsv"):  # always a header, also with one column: a headerless file would lose its first row
+        # A .tsv is tab-separated, and Excel in many locales writes ';' CSV: the header's separator is the file's
+        # (read as one prompt per line, such a file made its header line a prompt and its columns one text).
+        header_line = text.split("\n", 1)[0]
+        delimiter = "\t" if ext == ".tsv" else next((d for d in ",;\t" if d in header_line), ",")
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter)
         header = [h.strip() for h in next(reader, [])]
         start = reader.line_num + 1
         for row in reader:  # a quoted cell may span lines: a row is named by the line it starts on

@@ -62,13 +62,18 @@ def test_formats_agree(tmp_path):
     (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": records}))
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records))  # JSON Lines named .json
     (tmp_path / "a.csv").write_text('instruction,output\nSay hi,hi\n"Say, bye",bye\n')
+    (tmp_path / "a.tsv").write_text('instruction\toutput\nSay hi\thi\nSay, bye\tbye\n')
+    (tmp_path / "semicolon.csv").write_text('instruction;output\nSay hi;hi\n"Say, bye";bye\n')  # Excel's, many locales
     write_parquet(tmp_path / "a.parquet", records)
     save_to_disk(tmp_path / "saved", records)
-    for name in ("a.jsonl", "a.json", "wrapped.json", "lines.json", "a.csv", "a.parquet", "saved"):
+    for name in ("a.jsonl", "a.json", "wrapped.json", "lines.json", "a.csv", "a.tsv", "semicolon.csv", "a.parquet",
+                 "saved"):
         rows = read(tmp_path / name, need_response=True)
         assert [(r["prompt"], r["response"]) for r in rows] == [("Say hi", "hi"), ("Say, bye", "bye")], name
         assert all(r["input"] is None and r["messages"] is None and r["label"] is None for r in rows), name
         assert rows.notes == [], name
+    # read as one prompt per line, a .tsv gave 3 prompts: its header line, and each row's columns as one text
+    assert [r["prompt"] for r in read(tmp_path / "a.tsv")] == ["Say hi", "Say, bye"]
 
 
 def test_plain_text_is_one_prompt_per_line(tmp_path):
