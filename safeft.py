@@ -9,6 +9,7 @@ import contextlib
 import csv
 import datetime
 import errno
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -556,10 +557,13 @@ def _table_records(path):
 def _raw_records(path):
     """[(where, number, record)] for every row: record is a dict, or a str in one-prompt-per-line text; where
     is FILE:LINE, or FILE: row N (Parquet, datasets) / item N (JSON list) where there are no lines to name."""
-    ext = os.path.splitext(path)[1].lower()
+    compressed = str(path).lower().endswith(".gz")  # data.jsonl.gz, as hub data sets often ship
+    ext = os.path.splitext(str(path)[:-3] if compressed else path)[1].lower()
+    ext = {".ndjson": ".jsonl", ".jsonlines": ".jsonl"}.get(ext, ext)  # else read as text, a prompt per JSON line
     if os.path.isdir(path) or ext == ".parquet":
         return [(f"{path}: row {n}", n, r) for n, r in enumerate(_table_records(path), 1)]
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of a name
+    # -sig: a byte-order mark is not part of a name
+    with (gzip.open if compressed else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
         text = f.read()
     if ext == ".json":
         try:

@@ -1,6 +1,7 @@
 """safeft.read_rows on data as people have it: every file format, field detection and overrides, Alpaca input,
 chat data (TRL messages, ShareGPT, prompt/completion), label columns, duplicates, and errors naming file and line.
 Every sample file is built here."""
+import gzip
 import json
 
 import pytest
@@ -64,10 +65,16 @@ def test_formats_agree(tmp_path):
     (tmp_path / "a.csv").write_text('instruction,output\nSay hi,hi\n"Say, bye",bye\n')
     (tmp_path / "a.tsv").write_text('instruction\toutput\nSay hi\thi\nSay, bye\tbye\n')
     (tmp_path / "semicolon.csv").write_text('instruction;output\nSay hi;hi\n"Say, bye";bye\n')  # Excel's, many locales
+    (tmp_path / "a.ndjson").write_text("\n".join(json.dumps(r) for r in records))  # JSON Lines' other names
+    (tmp_path / "a.jsonlines").write_text("\n".join(json.dumps(r) for r in records))
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:  # as hub data sets often ship
+        f.write("\n".join(json.dumps(r) for r in records))
+    with gzip.open(tmp_path / "a.csv.gz", "wt") as f:
+        f.write((tmp_path / "a.csv").read_text())
     write_parquet(tmp_path / "a.parquet", records)
     save_to_disk(tmp_path / "saved", records)
-    for name in ("a.jsonl", "a.json", "wrapped.json", "lines.json", "a.csv", "a.tsv", "semicolon.csv", "a.parquet",
-                 "saved"):
+    for name in ("a.jsonl", "a.json", "wrapped.json", "lines.json", "a.csv", "a.tsv", "semicolon.csv", "a.ndjson",
+                 "a.jsonlines", "a.jsonl.gz", "a.csv.gz", "a.parquet", "saved"):
         rows = read(tmp_path / name, need_response=True)
         assert [(r["prompt"], r["response"]) for r in rows] == [("Say hi", "hi"), ("Say, bye", "bye")], name
         assert all(r["input"] is None and r["messages"] is None and r["label"] is None for r in rows), name
