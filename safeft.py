@@ -544,8 +544,12 @@ def _table_records(path):
     import datasets
     try:
         data = datasets.load_from_disk(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: a folder, but not one written by datasets' save_to_disk")
+    except FileNotFoundError:  # e.g. a hub snapshot (huggingface-cli download): its data files are in subfolders
+        files = sorted(os.path.relpath(os.path.join(root, n), path) for root, _, names in os.walk(path) for n in names
+                       if n.lower().endswith((".parquet", ".jsonl", ".json", ".csv", ".tsv", ".gz"))
+                       and not n.startswith("."))
+        hint = f"; give one of its data files, e.g. {os.path.join(path, files[0])}" if files else ""
+        raise UserError(f"{path}: a folder, but not one written by datasets' save_to_disk{hint}")
     if isinstance(data, datasets.DatasetDict):
         if len(data) != 1:
             raise UserError(f"{path} holds the splits {', '.join(data)}: give one, e.g. "

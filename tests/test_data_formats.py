@@ -164,7 +164,11 @@ def test_parquet_and_datasets_errors_name_the_row(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:1])}).save_to_disk(str(tmp_path / "one-split"))
     assert [r["prompt"] for r in read(tmp_path / "one-split")] == ["fine"]  # a single split is the data
     (tmp_path / "plain").mkdir()
-    with pytest.raises(safeft.UserError, match="not one written by datasets' save_to_disk"):
+    with pytest.raises(safeft.UserError, match="not one written by datasets' save_to_disk$"):
+        read(tmp_path / "plain")
+    (tmp_path / "plain" / "data").mkdir()  # a hub snapshot: the data files sit in a subfolder
+    write_parquet(tmp_path / "plain" / "data" / "train-00000-of-00001.parquet", records[:1])
+    with pytest.raises(safeft.UserError, match=r"save_to_disk; give one of its data files, e\.g\. .*plain/data/train-"):
         read(tmp_path / "plain")
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(safeft.UserError, match="bad.parquet: not a readable Parquet file"):
