@@ -193,6 +193,9 @@ def report_targets(text):
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names in (["none"], ["all"]):
         return names[0]
+    if {"none", "all"} & set(names):
+        raise argparse.ArgumentTypeError(f"{'none' if 'none' in names else 'all'} stands alone, not in a list "
+                                         f"(got {text!r})")
     restore = quiet_libraries()  # the integrations import bitsandbytes, which logs a failed kernel download
     try:
         from transformers.integrations import integration_utils as integrations

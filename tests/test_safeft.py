@@ -780,7 +780,8 @@ def test_report_to_is_checked_at_the_flag(monkeypatch, capsys):
     assert h.report_targets("none") == "none" and h.report_targets("all") == "all"
     assert h.report_targets(" tensorboard ") == ["tensorboard"]  # a list: the Trainer takes one
     for text, why in [("tensorboard,wandb", "wandb: its package is not installed"),
-                      ("tensorbord", "'tensorbord' is not a logging integration"), ("", "'' is not")]:
+                      ("tensorbord", "'tensorbord' is not a logging integration"), ("", "'' is not"),
+                      ("none,tensorboard", "none stands alone, not in a list")]:  # said 'none' was not a name
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             h.report_targets(text)
     for script in (finetune, train_sv):
