@@ -494,6 +494,8 @@ CHAT_FIELDS = ("messages", "conversations")  # TRL/OpenAI role/content lists; Sh
 CHAT_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 # Label values that count (any case). Numbers are never guessed: sets disagree on whether 1 means unsafe.
 LABELS = {"unsafe": "unsafe", "harmful": "unsafe", "safe": "safe", "benign": "safe", "harmless": "safe"}
+JSON_LINES_NAMES = (".ndjson", ".jsonlines")  # JSON Lines by other names (else read as text, a prompt per object)
+DATA_SUFFIXES = (".jsonl", *JSON_LINES_NAMES, ".json", ".csv", ".tsv", ".parquet", ".gz")  # all but plain text
 
 
 class Rows(list):
@@ -549,8 +551,7 @@ def _table_records(path):
         data = datasets.load_from_disk(path)
     except FileNotFoundError:  # e.g. a hub snapshot (huggingface-cli download): its data files are in subfolders
         files = sorted(os.path.relpath(os.path.join(root, n), path) for root, _, names in os.walk(path) for n in names
-                       if n.lower().endswith((".parquet", ".jsonl", ".json", ".csv", ".tsv", ".gz"))
-                       and not n.startswith("."))
+                       if n.lower().endswith(DATA_SUFFIXES) and not n.startswith("."))
         hint = f"; give one of its data files, e.g. {os.path.join(path, files[0])}" if files else ""
         raise UserError(f"{path}: a folder, but not one written by datasets' save_to_disk{hint}")
     if isinstance(data, datasets.DatasetDict):
@@ -566,7 +567,7 @@ def _raw_records(path):
     is FILE:LINE, or FILE: row N (Parquet, datasets) / item N (JSON list) where there are no lines to name."""
     compressed = str(path).lower().endswith(".gz")  # data.jsonl.gz, as hub data sets often ship
     ext = os.path.splitext(str(path)[:-3] if compressed else path)[1].lower()
-    ext = {".ndjson": ".jsonl", ".jsonlines": ".jsonl"}.get(ext, ext)  # else read as text, a prompt per JSON line
+    ext = ".jsonl" if ext in JSON_LINES_NAMES else ext
     if os.path.isdir(path) or ext == ".parquet":
         return [(f"{path}: row {n}", n, r) for n, r in enumerate(_table_records(path), 1)]
     # -sig: a byte-order mark is not part of a name

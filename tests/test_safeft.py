@@ -168,13 +168,14 @@ def cache_entries(cache):
     return sorted(name for name in os.listdir(cache) if not name.endswith(".lock"))
 
 
-def stand_in_for_gguf_loaders(monkeypatch, stand_in):
-    """convert_gguf's four transformers loaders (tokenizer, config, GGUF model, plain model) each return stand_in()."""
+def stand_in_for_gguf_loaders(set_attribute, stand_in):
+    """convert_gguf's four transformers loaders (tokenizer, config, GGUF model, plain model) each return stand_in();
+    set_attribute is monkeypatch.setattr in a test, the builtin setattr in a process of its own."""
     import transformers
     for loader, name in ((transformers.AutoTokenizer, "from_pretrained"), (transformers.AutoConfig, "from_pretrained"),
                          (transformers.AutoModelForCausalLM, "from_pretrained"),
                          (transformers.AutoModelForCausalLM, "from_config")):
-        monkeypatch.setattr(loader, name, lambda *a, **k: stand_in())
+        set_attribute(loader, name, lambda *a, **k: stand_in())
 
 
 def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, monkeypatch):
@@ -203,7 +204,7 @@ def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, 
             (theirs / "config.json").write_text('{"winner": true}')
 
     monkeypatch.setenv("SAFE_FT_CACHE", str(cache))
-    stand_in_for_gguf_loaders(monkeypatch, StandIn)
+    stand_in_for_gguf_loaders(monkeypatch.setattr, StandIn)
     assert h.convert_gguf(str(gguf_file)) == str(theirs)
     assert json.loads((theirs / "config.json").read_text()) == {"winner": True}  # untouched
     assert os.listdir(theirs) == ["config.json"] and cache_entries(cache) == [theirs.name]  # no temporary folder left
@@ -211,8 +212,8 @@ def test_gguf_conversion_keeps_the_one_another_process_finished_first(tmp_path, 
 
 CONVERT_IN_A_PROCESS = """
 import os, sys, time
-import transformers
 import safeft
+from test_safeft import stand_in_for_gguf_loaders
 gguf_file, go = sys.argv[1:]
 
 
@@ -229,10 +230,7 @@ class StandIn:  # a conversion that takes a second, so that the two processes ov
         pass
 
 
-for loader, name in ((transformers.AutoTokenizer, "from_pretrained"), (transformers.AutoConfig, "from_pretrained"),
-                     (transformers.AutoModelForCausalLM, "from_pretrained"),
-                     (transformers.AutoModelForCausalLM, "from_config")):
-    setattr(loader, name, lambda *a, **k: StandIn())
+stand_in_for_gguf_loaders(setattr, StandIn)
 safeft.tokenizer_reads_text = lambda folder: os.path.isfile(os.path.join(folder, "config.json"))
 while not os.path.exists(go):  # both start converting at the same moment
     time.sleep(0.01)
@@ -247,7 +245,7 @@ def test_processes_started_together_convert_a_gguf_once(tmp_path):
     for it and load its folder."""
     gguf_file, go, cache = tmp_path / "m.gguf", tmp_path / "go", tmp_path / "cache"
     gguf_file.write_bytes(b"GGUF")
-    env = dict(os.environ, SAFE_FT_CACHE=str(cache), PYTHONPATH=ROOT)
+    env = dict(os.environ, SAFE_FT_CACHE=str(cache), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     ranks = [subprocess.Popen([sys.executable, "-c", CONVERT_IN_A_PROCESS, str(gguf_file), str(go)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     go.touch()
@@ -305,7 +303,7 @@ def test_a_converted_tokenizer_that_garbles_text_is_converted_again_or_refused(t
             pass
 
     monkeypatch.setenv("SAFE_FT_CACHE", str(cache))
-    stand_in_for_gguf_loaders(monkeypatch, StandIn)
+    stand_in_for_gguf_loaders(monkeypatch.setattr, StandIn)
     monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: True)
     target = h.convert_gguf(str(gguf_file))
     assert h.convert_gguf(str(gguf_file)) == target and calls == ["converted"]  # once
@@ -338,7 +336,7 @@ def test_gguf_conversion_is_keyed_by_the_files_bytes_not_its_place(tmp_path, mon
             pass
 
     monkeypatch.setenv("SAFE_FT_CACHE", str(tmp_path / "cache"))
-    stand_in_for_gguf_loaders(monkeypatch, StandIn)
+    stand_in_for_gguf_loaders(monkeypatch.setattr, StandIn)
     monkeypatch.setattr(h, "tokenizer_reads_text", lambda folder: True)
     first, second = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
     for path in (first, second):
@@ -363,7 +361,7 @@ def test_a_write_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, 
             return {"w": torch.zeros(1000, 1000)}  # 4 MB in float32
 
     cache = tmp_path / "cache"  # fake_parts set SAFE_FT_CACHE to it
-    stand_in_for_gguf_loaders(monkeypatch, StandIn)
+    stand_in_for_gguf_loaders(monkeypatch.setattr, StandIn)
     gguf_file = tmp_path / "m.gguf"
     gguf_file.write_bytes(b"GGUF")
     monkeypatch.setattr(h.shutil, "disk_usage", lambda folder: collections.namedtuple("u", "free")(20_000_000))
