@@ -350,9 +350,23 @@ def plot_comparison(runs, labels, out, overwrite):
         fig.savefig(tmp, dpi=120, format="png")
 
 
-def compare(args):
-    if args.plot:
-        safeft.check_output_location(args.plot, args.overwrite, "--plot")
+COMPARE_FLAGS = ("compare", "plot", "allow_mismatch", "examples", "out", "overwrite")  # all that --compare reads
+
+
+def compare(args, parser):
+    # Any other flag shapes an evaluation, and --compare runs none: given here it would be dropped without a word.
+    given = [dest for dest, value in vars(args).items()
+             if dest not in COMPARE_FLAGS and value != parser.get_default(dest)]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')}: not used with --compare, which reads the runs' JSON "
+                        f"files and loads no model")
+    table_out = None if args.out == DEFAULT_OUT else args.out  # the table is printed; --out FILE.md also keeps it
+    if table_out and not table_out.lower().endswith(".md"):
+        raise UserError(f"--out: with --compare it names the Markdown file for the table (e.g. "
+                        f"runs/eval/compare.md), got {table_out}")
+    for flag, path in (("--out", table_out), ("--plot", args.plot)):
+        if path:
+            safeft.check_output_location(path, args.overwrite, flag)
     runs = [read_eval_file(p) for p in args.compare]
     problems = comparison_mismatches(runs, args.compare)
     if problems and not args.allow_mismatch:
@@ -364,9 +378,12 @@ def compare(args):
     if problems:
         table += "\nNot measured alike:\n" + "".join(f"- {p}\n" for p in problems)
     print(table)
+    if table_out:
+        safeft.write_text_atomic(table_out, table, overwrite=args.overwrite)
     if args.plot:
         plot_comparison(runs, labels, args.plot, args.overwrite)
-        print(f"wrote {args.plot}")
+    if table_out or args.plot:
+        print(f"wrote {' and '.join(p for p in (table_out, args.plot) if p)}")
     return table
 
 
@@ -459,8 +476,9 @@ def evaluate(args):
     """The whole run; returns the result it writes as JSON (and as a Markdown report)."""
     wall_start = time.time()
     # 1. Check the inputs before any weights: data (labels, references), phrases, adapters against the config.
-    if args.plot:
-        raise UserError("--plot: only with --compare")
+    for flag in ("--plot", "--allow-mismatch"):
+        if getattr(args, flag[2:].replace("-", "_")):
+            raise UserError(f"{flag}: only with --compare")
     parts, data = read_parts(args)
     if args.judge_model and not parts["harmful"]:
         raise UserError("--judge-model: nothing to judge, the harmful part is skipped")
@@ -594,7 +612,7 @@ def build_parser():
     safeft_judge.add_judge_args(parser)
     parser.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                         help="print earlier evaluate.py results side by side: rates with 95%% intervals, classes, "
-                             "example answers (no model loaded)")
+                             "example answers (no model loaded); --out FILE.md also writes the table there")
     parser.add_argument("--plot", default=None, metavar="PNG", help="with --compare: also draw the rates as bars")
     parser.add_argument("--allow-mismatch", action="store_true",
                         help="with --compare: compare runs measured on different data or settings (listed below)")
@@ -602,7 +620,8 @@ def build_parser():
 
 
 def main(argv=None):
-    return safeft.run_main(lambda args: compare(args) if args.compare else evaluate(args), build_parser(), argv)
+    parser = build_parser()
+    return safeft.run_main(lambda args: compare(args, parser) if args.compare else evaluate(args), parser, argv)
 
 
 if __name__ == "__main__":

@@ -649,6 +649,24 @@ def test_compare_two_runs_and_plot(judged_run, tmp_path, capsys):
     expect_user_error(["--compare", path, str(other_path), "--plot", str(plot)], "--plot", "--overwrite", capsys=capsys)
 
 
+def test_compare_keeps_its_table_and_refuses_evaluation_flags(judged_run, tmp_path, capsys):
+    # --out used to be dropped without a word under --compare (the table only printed), and so were --adapter,
+    # --limit and every other flag that shapes an evaluation.
+    path, _ = judged_run
+    kept = tmp_path / "compare.md"
+    table = ev.main(["--compare", path, "--out", str(kept)])
+    assert kept.read_text() == table and f"wrote {kept}" in capsys.readouterr().out
+    expect_user_error(["--compare", path, "--out", str(kept)], "--out", "--overwrite", capsys=capsys)
+    assert kept.read_text() == table
+    expect_user_error(["--compare", path, "--out", str(tmp_path / "compare.json")], "--out", "Markdown",
+                      capsys=capsys)
+    for extra in (["--adapter", str(tmp_path)], ["--limit", "3"], ["--skip-task"], ["--no-load-in-4bit"]):
+        expect_user_error(["--compare", path, *extra], extra[0].replace("--no-", "--"), "not used with --compare",
+                          capsys=capsys)
+    expect_user_error(["--allow-mismatch"], "--allow-mismatch", "only with --compare", capsys=capsys)
+    assert not (tmp_path / "compare.json").exists()
+
+
 def test_compare_rejects_bad_old_and_mismatched_files(judged_run, tmp_path, capsys):
     path, result = judged_run
     not_json = tmp_path / "broken.json"
