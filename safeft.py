@@ -804,6 +804,10 @@ def resolve_model_path(model):
             raise UserError(f"--model: {model} does not exist")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"--model: {model} is a folder without config.json (not a model folder)")
+        if path.endswith(".gguf") and os.path.isfile(path):  # before a conversion is announced or locked
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise UserError(f"--model: {model} is not a GGUF file (it does not start with 'GGUF')")
         return path
     return model
 

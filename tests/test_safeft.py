@@ -403,9 +403,11 @@ def test_gguf_that_transformers_cannot_load(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFE_FT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(h.UserError, match="--model: transformers cannot load .*odd.gguf"):
         h.load_model(path)
+    # Not a GGUF at all: refused before a conversion is announced, and nothing (not even a lock) left in the cache
     (tmp_path / "junk.gguf").write_text("not a gguf")
-    with pytest.raises(h.UserError, match="--model: transformers cannot load .*junk.gguf"):
+    with pytest.raises(h.UserError, match="--model: .*junk.gguf is not a GGUF file"):
         h.load_model(str(tmp_path / "junk.gguf"))
+    assert not any("junk" in name for name in os.listdir(tmp_path / "cache"))
 
 
 @pytest.fixture
