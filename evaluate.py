@@ -397,6 +397,8 @@ def read_parts(args):
         dest = flag[2:].replace("-", "_")
         path = "" if getattr(args, f"skip_{dest}") else getattr(args, dest)
         parts[part] = data[part] = None
+        if path.lower() in ("none", "skip", "off", "no") and not os.path.exists(path):
+            raise UserError(f"{flag}: {path} does not exist ({flag} '' or --skip-{flag[2:]} skips this part)")
         if path:
             parts[part] = safeft.read_rows(path, args.prompt_field, args.response_field, limit=args.limit,
                                            flag=flag, label=label, label_field=args.label_field)

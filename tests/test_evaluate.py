@@ -739,6 +739,8 @@ def test_empty_and_bad_data(tiny_llama, data_files, tmp_path, capsys):
                       f"{no_answer}: row 2: no reference answer", capsys=capsys)
     expect_user_error(["--model", tiny_llama, "--harmful", "", "--over-rejection", "", "--task", ""],
                       "nothing to evaluate", capsys=capsys)
+    expect_user_error(["--model", tiny_llama, *data_args(data_files), "--task", "none"], "--task", "--skip-task",
+                      capsys=capsys)  # 'none' is a file name here: the message says how a part is skipped
     expect_user_error(["--model", tiny_llama, *data_args(data_files), "--skip-harmful", "--judge-model", tiny_llama],
                       "--judge-model", "harmful part is skipped", capsys=capsys)
     expect_user_error(["--model", tiny_llama, *data_args(data_files), "--plot", str(tmp_path / "p.png")],
