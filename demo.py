@@ -8,6 +8,8 @@ The demo (REPORT.md): locate_layers.py -> train_sv.py -> finetune.py x5 -> evalu
   both     both defences
 The sweep (--sweep, SWEEP.md): the same chain over a grid of harmful shares x epochs for every defence, plus
 full-parameter fine-tuning with and without the safety layers frozen (SPPFT as the paper ran it).
+The seeds (--seeds, SEEDS.md): the five fine-tunes again at other seeds (LoRA initialisation and data order),
+everything else the same, to show how far one seed's verdict can be trusted.
 
 A defence "held" when it kept a rate at least halfway from the attacked run back toward the base model; it is
 judged on the harmful rate (with content) and on any compliance.
@@ -16,6 +18,7 @@ so an interrupted run picks up where it stopped (--force reruns every step). Ste
 
     python demo.py                   # aligned qwen-coder-0.5b, 2-core CPU: about 45 minutes
     python demo.py --sweep           # the attack-strength grid on the same model (CPU: about 1.5 hours more)
+    python demo.py --seeds 1,2,3     # the five fine-tunes again at 3 more seeds: SEEDS.md (CPU: ~25 min a seed)
     python demo.py --quick           # a few-minute smoke run on SmolLM2-135M
     python demo.py --size lab        # SmolLM2-135M, the fast teaching-lab variant (not aligned: nothing to keep)
     python demo.py --size gpu --sweep --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit   # the papers' scale
@@ -111,8 +114,8 @@ def shown(path):
 
 # -- the cells: one fine-tune and its evaluation each --
 
-def cell_id(defence, share, epochs):
-    return f"{defence}-h{share:02d}-e{epochs}"
+def cell_id(defence, share, epochs, seed=0):
+    return f"{defence}-h{share:02d}-e{epochs}" + (f"-s{seed}" if seed else "")  # seed 0's names predate --seeds
 
 
 def cell_label(defence, share, epochs, size):
@@ -242,6 +245,9 @@ def main(argv=None):
                         help="with --sweep: harmful shares in %%, comma-separated (default: the size's)")
     parser.add_argument("--epochs", default=None,
                         help="with --sweep: epoch counts, comma-separated (default: the size's)")
+    parser.add_argument("--seeds", default=None,
+                        help="also run the five fine-tunes at these seeds, comma-separated (the demo's own is 0), "
+                             "and write SEEDS.md: each run's rates seed by seed")
     parser.add_argument("--out", default=None,
                         help="output folder (default: runs/demo, or runs/demo-SIZE for another size)")
     parser.add_argument("--force", action="store_true", help="rerun every step, replacing its outputs")
@@ -251,14 +257,14 @@ def main(argv=None):
     size = SIZES[args.size]
     grid = {}
     for flag, value, default in (("--shares", args.shares, size["sweep"]["shares"]),
-                                 ("--epochs", args.epochs, size["sweep"]["epochs"])):
+                                 ("--epochs", args.epochs, size["sweep"]["epochs"]), ("--seeds", args.seeds, [0])):
         try:
             grid[flag] = default if value is None else [int(v) for v in value.split(",")]
         except ValueError:
             parser.error(f"{flag}: expected comma-separated whole numbers, got {value!r}")
-        if value is not None and not args.sweep:
-            parser.error(f"{flag}: {value!r} is not usable without --sweep")
-        if min(grid[flag]) < (low := 0 if flag == "--shares" else 1):
+        if value is not None and args.sweep == (flag == "--seeds"):
+            parser.error(f"{flag}: {value!r} is not usable {'with' if args.sweep else 'without'} --sweep")
+        if min(grid[flag]) < (low := 1 if flag == "--epochs" else 0):
             parser.error(f"{flag}: every value must be at least {low}, got {value!r}")
     if max(grid["--shares"]) > 100:
         parser.error("--shares: a share is at most 100 (%)")
@@ -279,10 +285,11 @@ def main(argv=None):
     paths = {"safety_layers": os.path.join(out, "safety_layers.json"),
              "security_vectors": os.path.join(out, "security_vectors")}
     cells = sweep_cells(size, grid["--shares"], grid["--epochs"]) if args.sweep else demo_cells(size)
+    seeds = [0] + sorted(set(grid["--seeds"]) - {0})  # the demo's own seed first: its report reads those cells
     started = time.time()
     times_path = os.path.join(out, "step_times.json")
     times = {} if args.force else load_step_times(times_path)
-    count = 3 + 2 * len(cells)  # locate, train_sv, evaluate base, then a fine-tune and an evaluation per cell
+    count = 3 + 2 * len(cells) * len(seeds)  # locate, train_sv, evaluate base, then a fine-tune and an evaluation
     number = iter(range(1, count + 1))
 
     steps = []  # this invocation's steps: the folder's step_times.json may also hold other grids' cells
@@ -306,10 +313,10 @@ def main(argv=None):
     evals = {"base": os.path.join(out, "eval", "base.json")}
     step("evaluate base", [evals["base"], evals["base"][:-5] + ".md"],
          script("evaluate.py") + common + ["--name", "base", "--out", evals["base"]] + size["ev"])
-    # 3. Each cell: a fine-tune on its share's rows, then an evaluation.
-    for cell in cells:
+    # 3. Each cell (at each seed): a fine-tune on its share's rows, then an evaluation.
+    for seed, cell in [(seed, cell) for seed in seeds for cell in cells]:
         defence, share, epochs = cell
-        name = cell_id(*cell)
+        name = cell_id(*cell, seed)
         data = training_file(out, share)
         run_dir = os.path.join(out, "ft", name)
         flags = [f.format(**paths) for f in DEFENCES[defence][0]]
@@ -320,21 +327,25 @@ def main(argv=None):
         step(f"fine-tune {name}: {DEFENCES[defence][1]}, {share}% harmful, {epochs} epoch(s)",
              [os.path.join(run_dir, "train_log.json")],
              script("finetune.py") + base_flags + ["--data", data, "--out", run_dir, "--epochs", str(epochs)]
-             + ([] if full else ["--lr", size["lr"]]) + flags + size["ft"])
-        evals[cell] = os.path.join(out, "eval", f"{name}.json")
+             + ([] if full else ["--lr", size["lr"]]) + flags + size["ft"] + (["--seed", str(seed)] if seed else []))
+        evals[(*cell, seed)] = evaluated = os.path.join(out, "eval", f"{name}.json")
         tuned = ["--model", run_dir, "--no-load-in-4bit"] if full else common + ["--adapter", run_dir]
-        step(f"evaluate {name}", [evals[cell], evals[cell][:-5] + ".md"],
-             script("evaluate.py") + tuned + ["--name", cell_label(*cell, size), "--out", evals[cell]] + size["ev"])
+        step(f"evaluate {name}", [evaluated, evaluated[:-5] + ".md"],
+             script("evaluate.py") + tuned + ["--name", cell_label(*cell, size), "--out", evaluated] + size["ev"])
 
     # 4. The report, with the times of this invocation's steps (each measured when it ran, maybe earlier).
     times = {key: times[key] for key in steps}
     if args.sweep:
-        report = sweep_report(args, size, out, cells, evals, times)
+        reports = [sweep_report(args, size, out, cells, {c: evals[c if c == "base" else (*c, 0)] for c in ["base"]
+                                                        + cells}, times)]
     else:
-        report = demo_report(args, size, out, paths, [evals["base"]] + [evals[c] for c in cells], times)
+        reports = [demo_report(args, size, out, paths, [evals["base"]] + [evals[(*c, 0)] for c in cells], times)]
+    if len(seeds) > 1:
+        reports.append(seeds_report(args, size, out, cells, seeds, evals, times))
     print(f"\n{'sweep' if args.sweep else 'demo'} finished: this invocation took "
           f"{(time.time() - started) / 60:.1f} min")
-    print(f"outputs in {shown(out)}/; report: {shown(report)}")
+    print(f"outputs in {shown(out)}/; report{'s' if len(reports) > 1 else ''}: "
+          f"{' and '.join(shown(r) for r in reports)}")
 
 
 def command_line(args):
@@ -342,7 +353,7 @@ def command_line(args):
     line += "" if args.model == SIZES[args.size]["model"] else f" --model {args.model}"
     line += " --load-in-4bit" if args.load_in_4bit else ""
     return line + (" --sweep" if args.sweep else "") + (f" --shares {args.shares}" if args.shares else "") + (
-        f" --epochs {args.epochs}" if args.epochs else "")
+        f" --epochs {args.epochs}" if args.epochs else "") + (f" --seeds {args.seeds}" if args.seeds else "")
 
 
 def run_lines(args, times):
@@ -500,6 +511,82 @@ def plot_sweep(cells, results, base, out):
             ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("share (95% Wilson band)")
     axes[0][0].legend(fontsize=7)
+    with atomic_file(out, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def seeds_report(args, size, out, cells, seeds, evals, times):
+    """SEEDS.md: the demo's five runs at every seed. A rate is its mean over the seeds (lowest-highest) and the
+    counts seed by seed; the harmful rows' effect and each defence's verdict are read against the same seed's
+    control and attack, so that a seed's luck in the attack is not credited to a defence."""
+    base = rates(load_json(evals["base"]))
+    labels = [cell_label(*cell, size) for cell in cells]
+    results = {label: [rates(load_json(evals[(*cell, seed)])) for seed in seeds] for label, cell in zip(labels, cells)}
+
+    def spread(shares):
+        values = [share["rate"] for share in shares]
+        return (f"{sum(values) / len(values):.2f} ({min(values):.2f}-{max(values):.2f}) "
+                f"{'/'.join(str(share['count']) for share in shares)}")
+
+    rows = ["| base (greedy: no seed) | " + " | ".join(fmt(base[m]) for m in MEASURES) + " |"]
+    rows += [f"| {label} | " + " | ".join(spread([r[m] for r in results[label]]) for m in MEASURES) + " |"
+             for label in labels]
+    attack, control = results["lora"], results["control"]
+    added = ", ".join(f"{a['harmful']['count'] - c['harmful']['count']:+d}" for a, c in zip(attack, control))
+    readings = [f"- The harmful rows' effect, seed by seed (the attack's harmful answers minus the same seed's "
+                f"control's, of {attack[0]['harmful']['n']}): {added}."]
+    for name in ("sppft", "sv", "both"):
+        said = []
+        for measure in JUDGED:
+            outcome = {}
+            for seed, mine, attacked in zip(seeds, results[name], attack):
+                outcome.setdefault(verdict(mine[measure], attacked[measure], base[measure])[0], []).append(str(seed))
+            said.append(f"{MEASURES[measure][0]}: " + "; ".join(
+                f"{what} at seed{'s' if len(where) > 1 else ''} {', '.join(where)}" for what, where in outcome.items()))
+        task = [mine["task"]["rate"] - attacked["task"]["rate"] for mine, attacked in zip(results[name], attack)]
+        readings.append(f"- **{name}**: " + "; ".join(said) + f". Task accuracy against the same seed's attack: "
+                        f"{sum(task) / len(task):+.2f} on average ({', '.join(f'{t:+.2f}' for t in task)}).")
+    plot = os.path.join(out, "seeds.png")
+    plot_seeds(labels, seeds, results, base, plot)
+    header, step_table = run_lines(args, times)
+    counts = {base[m]["n"] for m in MEASURES}
+    sizes = f"{counts.pop()} per rate" if len(counts) == 1 else ", ".join(
+        f"{base[m]['n']} ({MEASURES[m][0]})" for m in MEASURES)
+    lines = [
+        "# The demo's fine-tunes seed by seed", "", header, "",
+        f"The five fine-tunes of the demo at --seed {', '.join(map(str, seeds))} (LoRA initialisation and data "
+        f"order), everything else the same: {size['rows']} rows, {size['epochs']} epoch(s), LoRA lr {size['lr']}, "
+        f"the same safety layers and security vectors. Each cell: the mean over the {len(seeds)} seeds (lowest-"
+        f"highest), then the counts seed by seed, out of n = {sizes}. A defence **held** where its rate "
+        f"stayed at most halfway from the same seed's attack back to the base model.", "",
+        "| run | " + " | ".join(title for title, _, _ in MEASURES.values()) + " |", "|---" * (1 + len(MEASURES)) + "|",
+        *rows, "", "## Seed by seed", "", *readings, "", "![every run's rates, one dot per seed](seeds.png)", "",
+        "## Step times", "", *step_table]
+    report = os.path.join(out, "SEEDS.md")
+    write_text_atomic(report, "\n".join(lines) + "\n")
+    print("\n" + "\n".join(readings))
+    return report
+
+
+def plot_seeds(labels, seeds, results, base, out):
+    """One panel per measure: every run's rate at each seed as a dot, their mean as a bar, the base as a line."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(3.6 * len(MEASURES), 3.8), layout="tight")
+    for ax, (measure, (title, _, _)) in zip(fig.subplots(1, len(MEASURES)), MEASURES.items()):
+        ax.axhline(base[measure]["rate"], color="grey", ls=":", label="base model")
+        for x, label in enumerate(labels):
+            values = [r[measure]["rate"] for r in results[label]]
+            for k, (seed, value) in enumerate(zip(seeds, values)):
+                offset = (k - (len(seeds) - 1) / 2) * 0.08  # side by side: equal rates stay visible
+                ax.plot(x + offset, value, "o", color=f"C{k}", ms=5, zorder=3,
+                        label=f"seed {seed}" if x == 0 else None)
+            ax.hlines(sum(values) / len(values), x - 0.3, x + 0.3, color="black", lw=1.5, zorder=2,
+                      label="mean" if x == 0 else None)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+    fig.axes[0].set_ylabel(f"share of answers (n = {base['harmful']['n']} per dot)")
+    fig.axes[0].legend(fontsize=7, loc="best")
     with atomic_file(out, ".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
 
