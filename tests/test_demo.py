@@ -152,6 +152,32 @@ def test_the_sweep_reuses_the_demos_cells_and_keeps_every_cells_outputs(demo_run
     assert len(json.loads((out / "step_times.json").read_text())) == 23
 
 
+def test_seeds_rerun_the_five_fine_tunes_and_report_them_seed_by_seed(demo_run):
+    out, _, model = demo_run
+    result = run_demo("--quick", "--seeds", "1", "--model", model, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # locate, train_sv, base and seed 0's five cells were there: seed 1 adds a fine-tune and an evaluation each
+    assert result.stdout.count("[skip]") == STEPS and result.stdout.count("[done]") == 10
+    cells = demo.demo_cells(demo.SIZES["quick"])
+    harmful = {}
+    for label, cell in zip(("control", "lora", "sppft", "sv", "both"), cells):
+        logs = [json.loads((out / "ft" / demo.cell_id(*cell, seed) / "train_log.json").read_text()) for seed in (0, 1)]
+        assert [log["seed"] for log in logs] == [0, 1] and logs[0]["data"] == logs[1]["data"]
+        assert logs[0]["frozen_layers"] == logs[1]["frozen_layers"]
+        harmful[label] = [json.loads((out / "eval" / f"{demo.cell_id(*cell, seed)}.json").read_text())
+                          ["summary"]["harmful"]["harmful_rate"]["count"] for seed in (0, 1)]
+    report = (out / "SEEDS.md").read_text()
+    for label, counts in harmful.items():  # mean (lowest-highest), then the counts of seeds 0 and 1
+        assert re.search(rf"^\| {label} \| [\d.]+ \([\d.]+-[\d.]+\) {counts[0]}/{counts[1]} \|", report, flags=re.M)
+    added = ", ".join(f"{a - c:+d}" for a, c in zip(harmful["lora"], harmful["control"]))
+    assert f"minus the same seed's control's, of 8): {added}." in report
+    for name in ("sppft", "sv", "both"):
+        assert re.search(rf"\*\*{name}\*\*: harmful rate \(with content\): (held|broke|no effect to keep) at seed",
+                         report)
+    assert (out / "seeds.png").stat().st_size > 1000 and f"{out / 'SEEDS.md'}" in result.stdout
+    assert "Demo report" in (out / "REPORT.md").read_text()  # the demo's own report (seed 0) is rewritten beside it
+
+
 def test_verdict_is_halfway_from_the_attacked_run_to_the_base():
     def share(rate, low, high):
         return {"rate": rate, "ci95": [low, high], "count": 0, "n": 80}
@@ -181,9 +207,9 @@ def test_the_cpu_grid_runs_full_fine_tuning_only_on_its_chosen_columns():
 
 def test_bad_sweep_flags_are_one_line_before_any_work(tmp_path):
     for flags in (["--sweep", "--shares", "0,x"], ["--shares", "10"], ["--sweep", "--epochs", "0"],
-                  ["--sweep", "--shares", "150"]):
+                  ["--sweep", "--shares", "150"], ["--seeds", "1,x"], ["--seeds", "-1"], ["--sweep", "--seeds", "1"]):
         result = run_demo("--quick", *flags, "--out", str(tmp_path / "run"))
-        assert result.returncode == 2 and ("--shares" in result.stderr or "--epochs" in result.stderr), flags
+        assert result.returncode == 2 and flags[-2] in result.stderr, flags
         assert not (tmp_path / "run").exists()
 
 
