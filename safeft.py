@@ -906,9 +906,18 @@ def load_config(model):
         raise UserError(f"--model: cannot load {model} ({str(e).splitlines()[0][:200]})")
 
 
+def native_bf16():
+    """Whether the GPU computes in bf16 in hardware (Ampere and newer, and AMD's). torch.cuda.is_bf16_supported()
+    also says yes to a T4, P100 or V100 (the free notebook GPUs), which only emulate bf16, slowly: those run the
+    model in fp16 and train with the Trainer's fp16 mixed precision (loss scaling)."""
+    if not torch.cuda.is_available():
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability()[0] >= 8
+
+
 def pick_device_and_dtype():
     if torch.cuda.is_available():
-        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return "cuda", torch.bfloat16 if native_bf16() else torch.float16
     return "cpu", torch.float32  # bf16 matmuls are far slower than fp32 on most CPUs, and 4-bit CPU kernels differ
 
 
@@ -1322,7 +1331,7 @@ def training_arguments(args, output_dir, **overrides):
         warmup_steps=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         num_train_epochs=args.epochs, max_steps=args.max_steps or -1, seed=args.seed, data_seed=args.seed,
         logging_steps=1, save_strategy="no", report_to=args.report_to, remove_unused_columns=False,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not getattr(args, "full_fp32", False),
+        bf16=native_bf16(), fp16=torch.cuda.is_available() and not native_bf16(),  # fp32 weights that train, either way
         dataloader_drop_last=False, ddp_find_unused_parameters=False, disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
         use_cpu=not torch.cuda.is_available())  # else torchrun on CPU (gloo) trains each process on its own

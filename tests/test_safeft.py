@@ -982,3 +982,24 @@ def test_the_module_holds_only_what_two_or_more_scripts_use():
     lonely = {name: sorted(users.get(name, ())) for name in defined
               if len(users.get(name, ())) < 2 and name not in used_inside}
     assert lonely == {}
+
+
+@pytest.mark.parametrize("gpu, dtype, mixed", [(None, torch.float32, None), ((7, 5), torch.float16, "fp16"),
+                                                ((6, 0), torch.float16, "fp16"), ((8, 0), torch.bfloat16, "bf16"),
+                                                ((9, 0), torch.bfloat16, "bf16")])
+def test_emulated_bf16_gpus_run_in_fp16(gpu, dtype, mixed, monkeypatch):
+    # A T4 (7.5) or P100 (6.0) answers torch.cuda.is_bf16_supported() with True: bf16 emulated in float32, several
+    # times slower. They ran the model in bf16 and trained with bf16 autocast; now fp16 with loss scaling.
+    import transformers
+
+    import finetune
+    assert transformers.TrainingArguments  # loaded before "CUDA": its import would load bitsandbytes' GPU code
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 says
+    monkeypatch.setattr(torch.version, "hip", None)
+    # sys.modules': transformers' lazy module puts another object there once something is loaded from it
+    monkeypatch.setattr(sys.modules["transformers"], "TrainingArguments", lambda **settings: settings)
+    assert h.pick_device_and_dtype() == ("cuda" if gpu else "cpu", dtype)
+    settings = h.training_arguments(finetune.build_parser().parse_args([]), "unused")
+    assert (settings["bf16"], settings["fp16"]) == (mixed == "bf16", mixed == "fp16")
