@@ -97,6 +97,10 @@ JUDGED = ("harmful", "compliance")
 UNDEFENDED = {"lora": "lora", "sppft": "lora", "sv": "lora", "both": "lora", "full": "full", "sppft-full": "full"}
 
 
+class Interrupted(Exception):
+    """Ctrl-C: one line saying where, exit code 130 (the steps finished before it are kept)."""
+
+
 def script(name):
     return [sys.executable, os.path.join(ROOT, name)]
 
@@ -170,9 +174,17 @@ def run_step(key, title, outputs, command, force, times):
     start = time.time()
     # A step runs only when its outputs are missing or incomplete (an interrupted run), and --out is the demo's
     # own folder, so what is there is the demo's leftover: replacing it is what a rerun should do.
-    result = subprocess.run(command + ["--overwrite"], cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"demo: step '{title}' failed (exit {result.returncode}); fix it and rerun: finished steps are kept")
+    step = subprocess.Popen(command + ["--overwrite"], cwd=ROOT)
+    try:
+        returncode = step.wait()
+    except KeyboardInterrupt:  # Ctrl-C reaches the step too: it says what it kept and cleans up, then we stop
+        try:
+            step.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop it now
+            step.kill()
+        raise Interrupted(f"in step '{title}'") from None
+    if returncode != 0:
+        sys.exit(f"demo: step '{title}' failed (exit {returncode}); fix it and rerun: finished steps are kept")
     times[key] = round(time.time() - start, 1)
     print(f"[done] {title} in {times[key]:.0f} s", flush=True)
 
@@ -618,4 +630,10 @@ def describe_sv(sv):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (KeyboardInterrupt, Interrupted) as stop:
+        where = f" {stop}" if isinstance(stop, Interrupted) else ""
+        print(f"\ndemo: interrupted{where}; the finished steps are kept: the same command goes on from there",
+              file=sys.stderr)
+        raise SystemExit(130)

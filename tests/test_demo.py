@@ -3,6 +3,7 @@ the sweep reuses the demo's cells and adds the rest of its grid."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,24 @@ def test_a_failing_step_stops_the_demo_and_names_it(tmp_path):
     assert result.returncode != 0
     assert f"step '1/{STEPS} locate the safety layers' failed" in result.stderr
     assert not (tmp_path / "run" / "REPORT.md").exists()
+
+
+def test_ctrl_c_stops_the_demo_with_one_line(tiny_llama, tmp_path):
+    # It ended in a traceback from subprocess.run (and that killed the step 0.25 s after the Ctrl-C, mid-cleanup).
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    running = subprocess.Popen([sys.executable, os.path.join(ROOT, "demo.py"), "--quick", "--model", tiny_llama,
+                                "--out", str(tmp_path / "run")], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in running.stdout:  # locate_layers.py's first line: its weights are loaded, stage 1 is under way
+        if line.startswith("prefix sharing"):
+            break
+    os.killpg(running.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the demo and its step both get it
+    _, err = running.communicate(timeout=300)
+    assert running.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "interrupted: nothing was written" in err  # the step's own line, then the demo's
+    assert err.strip().splitlines()[-1].startswith("demo: interrupted in step '1/13 locate the safety layers'")
+    assert not (tmp_path / "run" / "safety_layers.json").exists()
 
 
 def test_a_folder_from_other_settings_is_not_reused(demo_run):
