@@ -334,9 +334,16 @@ def peak_memory_mb(device=None):
 
 def check_room(size, folder, what):
     """A write that would fill the disk is refused before it starts rather than failing halfway (a converted 0.5B
-    model takes 2.5 GB; a Kaggle notebook has about 20 GB)."""
-    os.makedirs(folder, exist_ok=True)
-    need, free = size * 1.05 + 50e6, shutil.disk_usage(folder).free  # + the tokenizer and the small files
+    model takes 2.5 GB; a Kaggle notebook has about 20 GB), and so is a folder that cannot be written at all (a
+    read-only mount, such as a Kaggle input data set given as SAFE_FT_CACHE)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a read-only mount says no only to a write
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or e}); set SAFE_FT_CACHE to a folder you "
+                        f"can write")
+    need = size * 1.05 + 50e6  # + the tokenizer and the small files
     if need > free:
         def amount(n):
             return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
@@ -836,6 +843,8 @@ def convert_gguf(path):
         if done and tokenizer_reads_text(target):
             return target
         broken = os.path.exists(target)  # no config.json, or a tokenizer that garbles text: replace it
+        # Room for at least the GGUF's own size, checked before the 30 s load (the float32 size is checked after it)
+        check_room(os.path.getsize(path), cache_root(), f"--model: converting {path}")
         print(f"converting {path} to a safetensors model in {target} "
               f"({'again: the cached tokenizer garbles text' if done else 'once'})", file=sys.stderr)
         folder, name = os.path.split(path)

@@ -3,6 +3,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -1003,3 +1004,17 @@ def test_emulated_bf16_gpus_run_in_fp16(gpu, dtype, mixed, monkeypatch):
     assert h.pick_device_and_dtype() == ("cuda" if gpu else "cpu", dtype)
     settings = h.training_arguments(finetune.build_parser().parse_args([]), "unused")
     assert (settings["bf16"], settings["fp16"]) == (mixed == "bf16", mixed == "fp16")
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_before_the_conversion(tmp_path, monkeypatch, fake_parts):
+    # SAFE_FT_CACHE on a read-only mount (a Kaggle input data set) or below a file: a traceback from os.makedirs
+    # (or from the first write, after the 30 s GGUF load) before; now a UserError before anything loads.
+    gguf_file, blocker = tmp_path / "m.gguf", tmp_path / "a-file"
+    gguf_file.write_bytes(b"GGUF")
+    blocker.write_text("mine")
+    monkeypatch.setenv("SAFE_FT_CACHE", str(blocker / "cache"))
+    stand_in_for_gguf_loaders(monkeypatch.setattr, lambda: pytest.fail("loaded before the cache was checked"))
+    for make in (lambda: h.convert_gguf(str(gguf_file)), lambda: h.embedded_gguf("fake")):
+        with pytest.raises(h.UserError, match=rf"cannot write in {re.escape(str(blocker))}.*SAFE_FT_CACHE"):
+            make()
+    assert blocker.read_text() == "mine"
