@@ -306,10 +306,10 @@ def main(argv=None):
 
     steps = []  # this invocation's steps: the folder's step_times.json may also hold other grids' cells
 
-    def step(key, outputs, command):
+    def step(key, outputs, command, seed=0):
         run_step(key, f"{next(number)}/{count} {key}", outputs, command, args.force, times)
         write_json_atomic(times_path, times)
-        steps.append(key)
+        steps.append((key, seed))
 
     # 0. Each harmful share's training rows, made (and checked) before any long step.
     for share in sorted({c[1] for c in cells}):
@@ -339,21 +339,22 @@ def main(argv=None):
         step(f"fine-tune {name}: {DEFENCES[defence][1]}, {share}% harmful, {epochs} epoch(s)",
              [os.path.join(run_dir, "train_log.json")],
              script("finetune.py") + base_flags + ["--data", data, "--out", run_dir, "--epochs", str(epochs)]
-             + ([] if full else ["--lr", size["lr"]]) + flags + size["ft"] + (["--seed", str(seed)] if seed else []))
+             + ([] if full else ["--lr", size["lr"]]) + flags + size["ft"] + (["--seed", str(seed)] if seed else []),
+             seed)
         evals[(*cell, seed)] = evaluated = os.path.join(out, "eval", f"{name}.json")
         tuned = ["--model", run_dir, "--no-load-in-4bit"] if full else common + ["--adapter", run_dir]
         step(f"evaluate {name}", [evaluated, evaluated[:-5] + ".md"],
-             script("evaluate.py") + tuned + ["--name", cell_label(*cell, size), "--out", evaluated] + size["ev"])
+             script("evaluate.py") + tuned + ["--name", cell_label(*cell, size), "--out", evaluated] + size["ev"], seed)
 
     # 4. The report, with the times of this invocation's steps (each measured when it ran, maybe earlier).
-    times = {key: times[key] for key in steps}
+    own = {key: times[key] for key, seed in steps if seed == 0}  # REPORT.md and SWEEP.md time their own steps
     if args.sweep:
         reports = [sweep_report(args, size, out, cells, {c: evals[c if c == "base" else (*c, 0)] for c in ["base"]
-                                                        + cells}, times)]
+                                                        + cells}, own)]
     else:
-        reports = [demo_report(args, size, out, paths, [evals["base"]] + [evals[(*c, 0)] for c in cells], times)]
+        reports = [demo_report(args, size, out, paths, [evals["base"]] + [evals[(*c, 0)] for c in cells], own)]
     if len(seeds) > 1:
-        reports.append(seeds_report(args, size, out, cells, seeds, evals, times))
+        reports.append(seeds_report(args, size, out, cells, seeds, evals, {key: times[key] for key, _ in steps}))
     print(f"\n{'sweep' if args.sweep else 'demo'} finished: this invocation took "
           f"{(time.time() - started) / 60:.1f} min")
     print(f"outputs in {shown(out)}/; report{'s' if len(reports) > 1 else ''}: "

@@ -194,7 +194,8 @@ def test_seeds_rerun_the_five_fine_tunes_and_report_them_seed_by_seed(demo_run):
         assert re.search(rf"\*\*{name}\*\*: harmful rate \(with content\): (held|broke|no effect to keep) at seed",
                          report)
     assert (out / "seeds.png").stat().st_size > 1000 and f"{out / 'SEEDS.md'}" in result.stdout
-    assert "Demo report" in (out / "REPORT.md").read_text()  # the demo's own report (seed 0) is rewritten beside it
+    # The demo's own report (seed 0) is rewritten beside it, timing its own 13 steps; SEEDS.md times all 23.
+    assert len(step_rows((out / "REPORT.md").read_text())) == STEPS and len(step_rows(report)) == STEPS + 10
 
 
 def test_verdict_is_halfway_from_the_attacked_run_to_the_base():
