@@ -365,9 +365,14 @@ def test_a_write_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, 
     stand_in_for_gguf_loaders(monkeypatch.setattr, StandIn)
     gguf_file = tmp_path / "m.gguf"
     gguf_file.write_bytes(b"GGUF")
-    monkeypatch.setattr(h.shutil, "disk_usage", lambda folder: collections.namedtuple("u", "free")(20_000_000))
+    free = [52_000_000]  # room for the GGUF itself (checked before it loads), not for its float32 weights
+    monkeypatch.setattr(h.shutil, "disk_usage", lambda folder: collections.namedtuple("u", "free")(free[0]))
     with pytest.raises(h.UserError, match=r"^--model: converting .*m.gguf to float32 needs about 54 MB in .*cache, "
-                                          r"which has 20 MB free \(free some space, or set SAFE_FT_CACHE"):
+                                          r"which has 52 MB free \(free some space, or set SAFE_FT_CACHE"):
+        h.convert_gguf(str(gguf_file))
+    free[0] = 20_000_000
+    monkeypatch.setattr(StandIn, "state_dict", lambda self: pytest.fail("loaded with no room for the GGUF itself"))
+    with pytest.raises(h.UserError, match=r"^--model: converting .*m.gguf needs about 50 MB .* 20 MB free"):
         h.convert_gguf(str(gguf_file))
     with pytest.raises(h.UserError, match=r"^--model fake: assembling its GGUF needs"):
         h.embedded_gguf("fake")
