@@ -916,9 +916,10 @@ def load_config(model):
 
 
 def native_bf16():
-    """Whether the GPU computes in bf16 in hardware (Ampere and newer, and AMD's). torch.cuda.is_bf16_supported()
-    also says yes to a T4, P100 or V100 (the free notebook GPUs), which only emulate bf16, slowly: those run the
-    model in fp16 and train with the Trainer's fp16 mixed precision (loss scaling)."""
+    """Whether the GPU computes in bf16 in hardware: NVIDIA's from Ampere (compute capability 8) on; under ROCm,
+    torch's own yes. torch.cuda.is_bf16_supported() also says yes to a T4, P100 or V100 (the free notebook GPUs),
+    which only emulate bf16, slowly: those run the model in fp16 and train with the Trainer's fp16 mixed precision
+    (loss scaling)."""
     if not torch.cuda.is_available():
         return False
     return bool(torch.version.hip) or torch.cuda.get_device_capability()[0] >= 8
