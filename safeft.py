@@ -539,7 +539,8 @@ def _pick_field(keys, wanted, candidates, path, what):
     found = next((n for n in candidates if n in keys), None) or next(
         (lowered[n.lower()] for n in candidates if n.lower() in lowered), None)
     if found is None and what == "prompt":
-        header = "; the first line of a CSV is its header" if str(path).lower().endswith((".csv", ".tsv")) else ""
+        table = str(path).lower().removesuffix(".gz").endswith((".csv", ".tsv"))  # data.csv.gz is a CSV too
+        header = "; the first line of a CSV is its header" if table else ""
         raise UserError(f"{path}: no {what} field found among {', '.join(map(str, keys))} "
                         f"(expected one of {', '.join(candidates)}; use --{what}-field{header})")
     return found

@@ -98,6 +98,10 @@ def test_one_column_csv_header_is_a_name_never_a_prompt(tmp_path, bom):
     with pytest.raises(safeft.UserError, match=r"t.csv: no prompt field found among text .*first line of a CSV"):
         read(tmp_path / "t.csv")
     assert [r["prompt"] for r in read(tmp_path / "t.csv", prompt_field="text")] == ["first prompt"]
+    with gzip.open(tmp_path / "t.csv.gz", "wt", encoding="utf-8") as f:  # gzipped, the same hint
+        f.write(f"{bom}text\nfirst prompt\n")
+    with pytest.raises(safeft.UserError, match=r"t.csv.gz: no prompt field .*first line of a CSV"):
+        read(tmp_path / "t.csv.gz")
     # a headerless file is refused rather than silently losing its first prompt
     (tmp_path / "bare.csv").write_text(f"{bom}How do I bake bread?\nHow do I bake a cake?\n", encoding="utf-8")
     with pytest.raises(safeft.UserError, match="no prompt field found among How do I bake bread"):
