@@ -122,6 +122,11 @@ def cell_id(defence, share, epochs, seed=0):
     return f"{defence}-h{share:02d}-e{epochs}" + (f"-s{seed}" if seed else "")  # seed 0's names predate --seeds
 
 
+def evaluation(out, cell, seed=0):
+    """Where a cell's evaluation (at a seed) lies; cell "base" is the base model's."""
+    return os.path.join(out, "eval", ("base" if cell == "base" else cell_id(*cell, seed)) + ".json")
+
+
 def cell_label(defence, share, epochs, size):
     """The demo's five runs keep their short names (control, lora, ...); other cells say what they are."""
     if epochs == size["epochs"] and share == 0 and defence == "lora":
@@ -322,9 +327,9 @@ def main(argv=None):
     step("train security vectors", [os.path.join(paths["security_vectors"], "sv_meta.json")],
          script("train_sv.py") + common + ["--out", paths["security_vectors"]] + size["sv"])
     # 2. The base model's rates: where every fine-tune starts from.
-    evals = {"base": os.path.join(out, "eval", "base.json")}
-    step("evaluate base", [evals["base"], evals["base"][:-5] + ".md"],
-         script("evaluate.py") + common + ["--name", "base", "--out", evals["base"]] + size["ev"])
+    base = evaluation(out, "base")
+    step("evaluate base", [base, base[:-5] + ".md"],
+         script("evaluate.py") + common + ["--name", "base", "--out", base] + size["ev"])
     # 3. Each cell (at each seed): a fine-tune on its share's rows, then an evaluation.
     for seed, cell in [(seed, cell) for seed in seeds for cell in cells]:
         defence, share, epochs = cell
@@ -341,7 +346,7 @@ def main(argv=None):
              script("finetune.py") + base_flags + ["--data", data, "--out", run_dir, "--epochs", str(epochs)]
              + ([] if full else ["--lr", size["lr"]]) + flags + size["ft"] + (["--seed", str(seed)] if seed else []),
              seed)
-        evals[(*cell, seed)] = evaluated = os.path.join(out, "eval", f"{name}.json")
+        evaluated = evaluation(out, cell, seed)
         tuned = ["--model", run_dir, "--no-load-in-4bit"] if full else common + ["--adapter", run_dir]
         step(f"evaluate {name}", [evaluated, evaluated[:-5] + ".md"],
              script("evaluate.py") + tuned + ["--name", cell_label(*cell, size), "--out", evaluated] + size["ev"], seed)
@@ -349,12 +354,11 @@ def main(argv=None):
     # 4. The report, with the times of this invocation's steps (each measured when it ran, maybe earlier).
     own = {key: times[key] for key, seed in steps if seed == 0}  # REPORT.md and SWEEP.md time their own steps
     if args.sweep:
-        reports = [sweep_report(args, size, out, cells, {c: evals[c if c == "base" else (*c, 0)] for c in ["base"]
-                                                        + cells}, own)]
+        reports = [sweep_report(args, size, out, cells, own)]
     else:
-        reports = [demo_report(args, size, out, paths, [evals["base"]] + [evals[(*c, 0)] for c in cells], own)]
+        reports = [demo_report(args, size, out, paths, [evaluation(out, c) for c in ["base"] + cells], own)]
     if len(seeds) > 1:
-        reports.append(seeds_report(args, size, out, cells, seeds, evals, {key: times[key] for key, _ in steps}))
+        reports.append(seeds_report(args, size, out, cells, seeds, {key: times[key] for key, _ in steps}))
     print(f"\n{'sweep' if args.sweep else 'demo'} finished: this invocation took "
           f"{(time.time() - started) / 60:.1f} min")
     print(f"outputs in {shown(out)}/; report{'s' if len(reports) > 1 else ''}: "
@@ -441,8 +445,8 @@ def plain_reading(runs):
     return lines + cut_task_answers(list(runs.items()))
 
 
-def sweep_report(args, size, out, cells, evals, times):
-    runs = {cell: load_json(evals[cell]) for cell in ["base"] + cells}
+def sweep_report(args, size, out, cells, times):
+    runs = {cell: load_json(evaluation(out, cell)) for cell in ["base"] + cells}
     base = rates(runs["base"])
     results = {cell: rates(runs[cell]) for cell in cells}
 
@@ -528,13 +532,14 @@ def plot_sweep(cells, results, base, out):
         fig.savefig(tmp, dpi=110, format="png")
 
 
-def seeds_report(args, size, out, cells, seeds, evals, times):
+def seeds_report(args, size, out, cells, seeds, times):
     """SEEDS.md: the demo's five runs at every seed. A rate is its mean over the seeds (lowest-highest) and the
     counts seed by seed; the harmful rows' effect and each defence's verdict are read against the same seed's
     control and attack, so that a seed's luck in the attack is not credited to a defence."""
-    base = rates(load_json(evals["base"]))
+    base = rates(load_json(evaluation(out, "base")))
     labels = [cell_label(*cell, size) for cell in cells]
-    results = {label: [rates(load_json(evals[(*cell, seed)])) for seed in seeds] for label, cell in zip(labels, cells)}
+    results = {label: [rates(load_json(evaluation(out, cell, seed))) for seed in seeds]
+               for label, cell in zip(labels, cells)}
 
     def spread(shares):
         values = [share["rate"] for share in shares]
