@@ -357,9 +357,10 @@ def compare(args, parser):
     # Any other flag shapes an evaluation, and --compare runs none: given here it would be dropped without a word.
     given = [dest for dest, value in vars(args).items()
              if dest not in COMPARE_FLAGS and value != parser.get_default(dest)]
-    if given:
-        raise UserError(f"--{given[0].replace('_', '-')}: not used with --compare, which reads the runs' JSON "
-                        f"files and loads no model")
+    if given:  # a switch turned off names itself as given: --no-load-in-4bit, not --load-in-4bit
+        negated = "no-" if getattr(args, given[0]) is False else ""
+        raise UserError(f"--{negated}{given[0].replace('_', '-')}: not used with --compare, which reads the runs' "
+                        f"JSON files and loads no model")
     table_out = None if args.out == DEFAULT_OUT else args.out  # the table is printed; --out FILE.md also keeps it
     if table_out and not table_out.lower().endswith(".md"):
         raise UserError(f"--out: with --compare it names the Markdown file for the table (e.g. "

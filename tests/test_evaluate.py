@@ -660,8 +660,9 @@ def test_compare_keeps_its_table_and_refuses_evaluation_flags(judged_run, tmp_pa
     assert kept.read_text() == table
     expect_user_error(["--compare", path, "--out", str(tmp_path / "compare.json")], "--out", "Markdown",
                       capsys=capsys)
-    for extra in (["--adapter", str(tmp_path)], ["--limit", "3"], ["--skip-task"], ["--no-load-in-4bit"]):
-        expect_user_error(["--compare", path, *extra], extra[0].replace("--no-", "--"), "not used with --compare",
+    for extra in (["--adapter", str(tmp_path)], ["--limit", "3"], ["--skip-task"], ["--no-load-in-4bit"],
+                  ["--load-in-4bit"]):
+        expect_user_error(["--compare", path, *extra], f"{extra[0]}: not used with --compare",
                           capsys=capsys)
     expect_user_error(["--allow-mismatch"], "--allow-mismatch", "only with --compare", capsys=capsys)
     assert not (tmp_path / "compare.json").exists()
