@@ -589,11 +589,18 @@ def _raw_records(path):
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
             ext = ".jsonl"
         else:
-            if isinstance(records, dict):  # {"data": [...]} and similar wrappers
-                lists = [v for v in records.values() if isinstance(v, list)]
-                records = lists[0] if len(lists) == 1 else None
+            if isinstance(records, dict):
+                columns = list(records.values())
+                if columns and all(isinstance(c, dict) for c in columns) and len({tuple(c) for c in columns}) == 1:
+                    columns = [list(c.values()) for c in columns]  # pandas' to_json(): {"prompt": {"0": ..}, ..}
+                lists = [c for c in columns if isinstance(c, list)]
+                if (len(lists) == len(columns) > 1 and len({len(c) for c in lists}) == 1
+                        and not any(isinstance(c[0], dict) for c in lists if c)):  # Dataset.to_dict()'s columns
+                    records = [dict(zip(records, row)) for row in zip(*columns)]
+                else:  # {"data": [...]} and similar wrappers; {"prompts": [...]} is a list of prompts
+                    records = lists[0] if len(lists) == 1 else None
             if not isinstance(records, list):
-                raise UserError(f"{path}: expected a JSON list of objects")
+                raise UserError(f"{path}: expected a JSON list of objects, or columns of equal length")
             return [(f"{path}: item {n}", n, r) for n, r in enumerate(records, 1)]
     out = []
     if ext == ".jsonl":

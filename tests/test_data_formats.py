@@ -73,8 +73,12 @@ def test_formats_agree(tmp_path):
         f.write((tmp_path / "a.csv").read_text())
     write_parquet(tmp_path / "a.parquet", records)
     save_to_disk(tmp_path / "saved", records)
+    # columns: Dataset.to_dict()'s {"instruction": [...], ...} and pandas' to_json(), {"instruction": {"0": ...}}
+    import pyarrow
+    (tmp_path / "columns.json").write_text(json.dumps(pyarrow.Table.from_pylist(records).to_pydict()))
+    pyarrow.Table.from_pylist(records).to_pandas().to_json(tmp_path / "pandas.json")
     for name in ("a.jsonl", "a.json", "wrapped.json", "lines.json", "a.csv", "a.tsv", "semicolon.csv", "a.ndjson",
-                 "a.jsonlines", "a.jsonl.gz", "a.csv.gz", "a.parquet", "saved"):
+                 "a.jsonlines", "a.jsonl.gz", "a.csv.gz", "a.parquet", "saved", "columns.json", "pandas.json"):
         rows = read(tmp_path / name, need_response=True)
         assert [(r["prompt"], r["response"]) for r in rows] == [("Say hi", "hi"), ("Say, bye", "bye")], name
         assert all(r["input"] is None and r["messages"] is None and r["label"] is None for r in rows), name
@@ -396,6 +400,11 @@ def test_bad_json_file_and_items(tmp_path):
     (tmp_path / "two-lists.json").write_text('{"train": [{"prompt": "a"}], "test": [{"prompt": "b"}]}')
     with pytest.raises(safeft.UserError, match=r"two-lists.json: expected a JSON list of objects"):
         read(tmp_path / "two-lists.json")
+    (tmp_path / "ragged.json").write_text('{"prompt": ["a", "b"], "response": ["c"]}')  # columns must line up
+    with pytest.raises(safeft.UserError, match=r"ragged.json: expected .* or columns of equal length"):
+        read(tmp_path / "ragged.json")
+    (tmp_path / "prompts.json").write_text('{"prompts": ["a", "b"]}')  # one list of texts: the prompts
+    assert [r["prompt"] for r in read(tmp_path / "prompts.json")] == ["a", "b"]
 
 
 @pytest.mark.parametrize("value, kind", [(["a", "b"], "a list"), ({"text": "a"}, "a dict"), (True, "a boolean"),
