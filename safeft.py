@@ -740,8 +740,9 @@ def read_rows(path, prompt_field=None, response_field=None, need_response=False,
         if not labelled:
             raise UserError(f"{path}: no row labelled {label} in column '{label_key}'")
     if duplicates:
-        what = "rows (same prompt and response)" if need_response else "prompts"
-        rows.notes.append(f"{path}: dropped {duplicates} duplicate {what}")
+        what = ("row" if need_response else "prompt") + ("" if duplicates == 1 else "s")
+        same = " (same prompt and response)" if need_response else ""
+        rows.notes.append(f"{path}: dropped {duplicates} duplicate {what}{same}")
     for note in rows.notes:
         print(f"note: {note}", file=sys.stderr)
     if limit is not None:
@@ -1200,8 +1201,9 @@ def build_examples(tokenizer, rows, template, max_length, flag):
         else:
             dropped.append(row["line"])
     if dropped:
-        print(f"warning: {flag}: {len(dropped)} rows keep no answer token within --max-length {max_length} "
-              f"(lines {', '.join(map(str, dropped[:5]))}{', ...' if len(dropped) > 5 else ''}); skipped",
+        rows_keep, lines = ("row keeps", "line") if len(dropped) == 1 else ("rows keep", "lines")
+        print(f"warning: {flag}: {len(dropped)} {rows_keep} no answer token within --max-length {max_length} "
+              f"({lines} {', '.join(map(str, dropped[:5]))}{', ...' if len(dropped) > 5 else ''}); skipped",
               file=sys.stderr)
     if not examples:
         raise UserError(f"--max-length {max_length}: no row of {flag} keeps any answer token")

@@ -151,7 +151,7 @@ def test_limit(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}"} for i in [0, 0, 1, 2, 3, 4]])
     rows = read(path, limit=3)
     assert [r["prompt"] for r in rows] == ["p0", "p1", "p2"]  # counted after duplicates are dropped
-    assert rows.notes == [f"{path}: dropped 1 duplicate prompts"]
+    assert rows.notes == [f"{path}: dropped 1 duplicate prompt"]
 
 
 # -- Parquet and datasets folders --
@@ -260,7 +260,7 @@ def test_duplicate_conversations_are_judged_by_the_prompt(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}, {"messages": other_answer},
                                               {"messages": CONVERSATION[1:]}])
     rows = read(path)  # prompts only: the second row asks exactly what the first asks
-    assert [r["line"] for r in rows] == [1, 3] and rows.notes == [f"{path}: dropped 1 duplicate prompts"]
+    assert [r["line"] for r in rows] == [1, 3] and rows.notes == [f"{path}: dropped 1 duplicate prompt"]
     assert len(read(path, need_response=True)) == 3  # for training, another answer is another example
 
 
@@ -347,7 +347,7 @@ def test_exact_duplicate_prompts_are_dropped_with_a_note(tmp_path, capsys):
                                                {"prompt": "p", "response": "a"}])
     rows = read(pairs, need_response=True)
     assert [r["response"] for r in rows] == ["a", "b"]
-    assert rows.notes == [f"{pairs}: dropped 1 duplicate rows (same prompt and response)"]
+    assert rows.notes == [f"{pairs}: dropped 1 duplicate row (same prompt and response)"]
 
 
 # -- errors --

@@ -77,7 +77,7 @@ def test_build_examples_skips_and_names_rows_with_no_answer_token_left(tiny_llam
     examples = h.build_examples(tokenizer, rows, template, 24, "--data")
     assert len(examples) == 2 and all(len(e["input_ids"]) <= 24 for e in examples)
     err = capsys.readouterr().err
-    assert "--data: 1 rows keep no answer token within --max-length 24 (lines 2)" in err
+    assert "--data: 1 row keeps no answer token within --max-length 24 (line 2)" in err
     with pytest.raises(h.UserError, match="--max-length 24: no row of --data"):
         h.build_examples(tokenizer, rows[1:2], template, 24, "--data")
 
