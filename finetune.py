@@ -320,6 +320,9 @@ def finetune(args):
     safeft.check_output_location(root, args.overwrite or bool(args.resume) or not args.save_every,
                                  "--checkpoint-dir", is_dir=True)
     rows = safeft.read_rows(args.data, args.prompt_field, args.response_field, need_response=True)
+    unsafe = sum(row["label"] == "unsafe" for row in rows)
+    if unsafe:  # a label column picks rows in the other scripts; here a user's data trains whole, so say so
+        print(f"note: --data: every row trains, also the {unsafe} labelled unsafe", file=sys.stderr)
     config = safeft.load_config(args.model)
     tokenizer, template = safeft.load_tokenizer(args.model, args.template)
     shell = safeft.meta_model(config)  # module names and layer count without weights
@@ -414,7 +417,7 @@ def build_parser():
     parser.add_argument("--security-vectors", default=None,
                         help="security-vector adapter folder from train_sv.py: active and frozen while training, "
                              "never saved")
-    safeft.add_common_args(parser, DEFAULT_OUT, bound="max_steps")
+    safeft.add_common_args(parser, DEFAULT_OUT, bound="max_steps", label_field=False)
     train = safeft.add_training_args(parser, lora_r=16, lora_alpha=32, lr=None, epochs=1, micro_batch_size=4,
                                      grad_accum=1, warmup_ratio=0.05, lr_unset=", ".join(
                                          f"{lr:g} with --method {method}" for method, lr in DEFAULT_LR.items()))

@@ -211,8 +211,9 @@ def report_targets(text):
     return names
 
 
-def add_common_args(parser, out_default, bound):
-    """The flags every script shares, with the same names and help text everywhere."""
+def add_common_args(parser, out_default, bound, label_field=True):
+    """The flags every script shares, with the same names and help text everywhere (--label-field only where a
+    label picks rows: finetune.py trains on every row)."""
     names = ", ".join(f"{name} ({spec['what']})" for name, spec in EMBEDDED_MODELS.items())
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"Hugging Face hub id, local model directory, .gguf file, or an embedded model: {names}")
@@ -227,10 +228,11 @@ def add_common_args(parser, out_default, bound):
                         help=f"name of the prompt field in data files (default: first of {', '.join(PROMPT_FIELDS)})")
     parser.add_argument("--response-field", default=None,
                         help=f"name of the response field (default: first of {', '.join(RESPONSE_FIELDS)})")
-    parser.add_argument("--label-field", default=None,
-                        help="column whose safe/unsafe values pick the rows each measure uses (XSTest's 'label': "
-                             "harmful = unsafe rows, over-refusal = safe rows); default: 'label' when a file has "
-                             "one; 'none' = use every row")
+    if label_field:
+        parser.add_argument("--label-field", default=None,
+                            help="column whose safe/unsafe values pick the rows each measure uses (XSTest's "
+                                 "'label': harmful = unsafe rows, over-refusal = safe rows); default: 'label' when a "
+                                 "file has one; 'none' = use every row")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", default=out_default, help="where this script writes its output")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -157,6 +157,19 @@ def test_lora_puts_no_adapter_on_frozen_layers(tiny_model, task_data, tmp_path):
     assert not (tmp_path / "out-checkpoints").exists()  # no checkpoints asked for, no folder left
 
 
+def test_a_label_column_picks_no_rows_and_says_so(tiny_llama, tmp_path, capsys):
+    # Another script's label column (XSTest's safe/unsafe) picks rows; a user's training data trains whole.
+    rows = [dict(r, label="safe") for r in TASK_ROWS[:6]] + [dict(r, label="unsafe") for r in HARMFUL_ROWS[:3]]
+    data = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    out = tmp_path / "out"
+    run(["--model", tiny_llama, "--data", data, "--out", str(out), "--max-steps", "1"])
+    assert json.loads((out / "train_log.json").read_text())["rows"] == 9
+    assert "note: --data: every row trains, also the 3 labelled unsafe" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # no flag that would do nothing here
+        ft.main(["--data", data, "--label-field", "label"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --label-field" in capsys.readouterr().err
+
+
 def test_full_mode_frozen_layers_bit_identical(tiny_llama, task_data, tmp_path):
     before = tensors(tiny_llama)
     out = tmp_path / "full"
