@@ -580,9 +580,13 @@ def _raw_records(path):
     ext = ".jsonl" if ext in JSON_LINES_NAMES else ext
     if os.path.isdir(path) or ext == ".parquet":
         return [(f"{path}: row {n}", n, r) for n, r in enumerate(_table_records(path), 1)]
-    # -sig: a byte-order mark is not part of a name
-    with (gzip.open if compressed else open)(path, "rt", newline="", encoding="utf-8-sig") as f:
-        text = f.read()
+    with (gzip.open if compressed else open)(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark is not part of a name
+    except UnicodeDecodeError as e:  # Excel on Windows saves CSV as cp1252, for one: name the line to look at
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
     if ext == ".json":
         try:
             records = json.loads(text)

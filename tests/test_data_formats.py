@@ -388,6 +388,17 @@ def test_fields_are_found_in_any_row_not_only_the_first(tmp_path):
         read(late_label, label="unsafe")  # before, a first row without one made the whole file unlabelled
 
 
+def test_text_that_is_not_utf8_names_its_line(tmp_path):
+    # Excel on Windows saves CSV in cp1252: the error names the line with the first byte UTF-8 cannot read
+    (tmp_path / "excel.csv").write_bytes("prompt,response\nfine,row\nCafé question,answer\n".encode("cp1252"))
+    with pytest.raises(safeft.UserError, match=r"excel.csv:3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        read(tmp_path / "excel.csv")
+    with gzip.open(tmp_path / "excel.jsonl.gz", "wb") as f:
+        f.write('{"prompt": "Café"}\n'.encode("latin-1"))
+    with pytest.raises(safeft.UserError, match=r"excel.jsonl.gz:1: not UTF-8 text"):
+        read(tmp_path / "excel.jsonl.gz")
+
+
 def test_bad_json_file_and_items(tmp_path):
     (tmp_path / "d.json").write_text('[{"prompt": "a"},\n {"prompt": }]')
     with pytest.raises(safeft.UserError, match=r"d.json:2: not valid JSON"):
