@@ -572,6 +572,7 @@ def build_parser():
     rules = "\n".join(textwrap.fill(f"{k}: {v}", 100, subsequent_indent="  ", break_on_hyphens=False)
                       for k, v in safeft_judge.ANSWER_RULES.items())
     parser = argparse.ArgumentParser(
+        prog="evaluate.py",  # also in a notebook, whose sys.argv[0] is the kernel's
         description="Harmfulness, over-refusal and utility of a model or of adapters on it: one JSON (every answer "
                     "with its class) and a Markdown report per run. --compare puts runs side by side.",
         formatter_class=Formatter, epilog="How answers are classified:\n" + rules)
@@ -624,7 +625,8 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    return safeft.run_main(lambda args: compare(args, parser) if args.compare else evaluate(args), parser, argv)
+    return safeft.run_main(lambda args: compare(args, parser) if args.compare else evaluate(args), parser, argv,
+                           one_process=True)
 
 
 if __name__ == "__main__":

@@ -404,6 +404,7 @@ def finetune(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(
+        prog="finetune.py",  # also in a notebook, whose sys.argv[0] is the kernel's
         description="Fine-tune a chat LLM (LoRA/QLoRA or full) with frozen safety layers and/or active security "
                     "vectors.", formatter_class=safeft.HelpFormatter)
     parser.add_argument("--data", default=safeft.repo_path(DEFAULT_DATA),

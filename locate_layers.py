@@ -719,6 +719,7 @@ def scale_value(text):
 
 def build_parser():
     parser = argparse.ArgumentParser(
+        prog="locate_layers.py",  # also in a notebook, whose sys.argv[0] is the kernel's
         description=f"Find the safety layers (Li et al. 2025). Hidden states: {HIDDEN_STATES}. Initial range: "
                     f"{INITIAL_RANGE_RULE}.", formatter_class=safeft.HelpFormatter,
         epilog="How the scaling search moves the bounds, and what it costs: python -c \"import locate_layers; "
@@ -772,7 +773,7 @@ def build_parser():
 
 
 def main(argv=None):
-    return safeft.run_main(locate, build_parser(), argv)
+    return safeft.run_main(locate, build_parser(), argv, one_process=True)
 
 
 if __name__ == "__main__":

@@ -124,14 +124,19 @@ def command_line(argv):
     return [] if "kernel_launcher" in os.path.basename(sys.argv[0]) else sys.argv[1:]  # ipykernel's, Colab's
 
 
-def run_main(procedure, parser, argv, resume_hint=None):
+def run_main(procedure, parser, argv, resume_hint=None, one_process=False):
     """Parses argv (command_line) and runs procedure(args): a UserError is one line on stderr and exit code 2,
-    Ctrl-C one line that says what was kept (resume_hint(args) gives it) and exit code 130."""
+    Ctrl-C one line that says what was kept (resume_hint(args) gives it) and exit code 130. one_process: the
+    script refuses to run as several processes (torchrun's ranks), which only the training scripts use."""
     args = parser.parse_args(command_line(argv))
     restore_libraries = quiet_libraries()
     distributed = torch.distributed.is_available()
     group_was_open = distributed and torch.distributed.is_initialized()  # a caller's own group is the caller's
     try:
+        processes = int(os.environ.get("WORLD_SIZE") or 1)
+        if one_process and processes > 1:  # each rank did the whole run, and all but one found its output taken
+            raise UserError(f"{parser.prog} runs in one process, and was started as {processes} (torchrun or "
+                            f"accelerate launch): start it with python; only the training scripts use several")
         return procedure(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -368,6 +368,7 @@ def print_summary(meta, out):
 
 def build_parser():
     parser = argparse.ArgumentParser(
+        prog="train_sv.py",  # also in a notebook, whose sys.argv[0] is the kernel's
         description="Train security vectors (Zhou et al., arXiv 2311.02105): a LoRA adapter that makes the model "
                     "produce the harmful responses while active, for finetune.py to keep active and frozen.",
         formatter_class=safeft.HelpFormatter)

@@ -689,6 +689,13 @@ def test_compare_rejects_bad_old_and_mismatched_files(judged_run, tmp_path, caps
 
 # -- bad inputs and outputs: exit 2 with the flag or file named, before any model work --
 
+def test_started_by_torchrun_it_says_to_use_python(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expect_user_error(["--out", str(tmp_path / "e.json")], "evaluate.py runs in one process, and was started as 2",
+                      "start it with python", capsys=capsys)
+    assert not (tmp_path / "e.json").exists()
+
+
 def expect_user_error(argv, *needles, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:

@@ -494,6 +494,18 @@ def test_bad_flags_are_clear_errors_before_loading(tiny_llama, data_files, tmp_p
     assert err.value.code == 2 and "error: " in message and flag in message
 
 
+def test_started_by_torchrun_it_says_to_use_python(tiny_llama, data_files, tmp_path, capsys, no_weights,
+                                                   monkeypatch):
+    # torchrun's ranks each ran the whole search; all but one then found the output taken and failed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as err:
+        ll.main(cli(tiny_llama, data_files, tmp_path / "x.json"))
+    assert err.value.code == 2
+    assert error_line(capsys) == ("error: locate_layers.py runs in one process, and was started as 2 (torchrun or "
+                                  "accelerate launch): start it with python; only the training scripts use several")
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_unusable_outputs_and_a_missing_chat_template_are_found_before_loading(tiny_llama, data_files, tmp_path,
                                                                                 capsys, no_weights):
     (tmp_path / "file").write_text("")

@@ -119,3 +119,15 @@ def test_notebook_separates_benign_erosion_from_the_harmful_rows():
             return {row["prompt"] for row in map(json.loads, f) if source in (None, row.get("source"))}
     # the control's rows are the attack's task rows, none of its harmful ones
     assert prompts("task_train.jsonl") == prompts("mixed_train.jsonl", "task")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_errors_name_the_script_when_main_runs_in_a_notebook(script, monkeypatch, capsys):
+    # In a kernel sys.argv[0] is the kernel's launcher; argparse took its name for the script's
+    import importlib
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "kernel.json"])
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"{script}: error: unrecognized arguments")
