@@ -587,8 +587,9 @@ def _raw_records(path):
         return [(f"{path}: row {n}", n, r) for n, r in enumerate(_table_records(path), 1)]
     with (gzip.open if compressed else open)(path, "rb") as f:
         raw = f.read()
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of a name
     try:
-        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark is not part of a name
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:  # Excel on Windows saves CSV as cp1252, for one: name the line to look at
         line = raw[:e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8")

@@ -393,6 +393,10 @@ def test_text_that_is_not_utf8_names_its_line(tmp_path):
     (tmp_path / "excel.csv").write_bytes("prompt,response\nfine,row\nCafé question,answer\n".encode("cp1252"))
     with pytest.raises(safeft.UserError, match=r"excel.csv:3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
         read(tmp_path / "excel.csv")
+    bom = b"\xef\xbb\xbf" + "prompt\nfine\nCafé\n".encode("cp1252")  # a byte-order mark shifts no position
+    (tmp_path / "bom.csv").write_bytes(bom)
+    with pytest.raises(safeft.UserError, match=r"bom.csv:3: not UTF-8 text \(byte 0xe9\)"):
+        read(tmp_path / "bom.csv")
     with gzip.open(tmp_path / "excel.jsonl.gz", "wb") as f:
         f.write('{"prompt": "Café"}\n'.encode("latin-1"))
     with pytest.raises(safeft.UserError, match=r"excel.jsonl.gz:1: not UTF-8 text"):
