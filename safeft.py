@@ -1078,6 +1078,9 @@ def find_adapter(path, flag, config=None, template=None, made_by=None):
     adapter_dir = path
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         nested = [d for d in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, d, "adapter_config.json"))]
+        if os.path.isfile(os.path.join(path, "finetune_settings.json")):  # a checkpoint holds only what trains
+            raise UserError(f"{flag}: {path} is a finetune.py checkpoint (what --resume continues from), not an "
+                            f"adapter; finetune.py writes the adapter to its --out when the run ends")
         if len(nested) != 1:
             raise UserError(f"{flag}: no adapter_config.json in {path} (not a PEFT adapter folder)")
         adapter_dir = os.path.join(path, nested[0])

@@ -254,6 +254,8 @@ def test_resume_gives_the_same_weights(tiny_llama, task_data, tmp_path, method, 
     run(common + ["--out", str(tmp_path / "whole"), "--save-every", "3", "--keep-checkpoints", "0"])
     checkpoints = tmp_path / "whole-checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["checkpoint-3", "checkpoint-6", "checkpoint-7"]
+    with pytest.raises(safeft.UserError, match="is a finetune.py checkpoint .*not an adapter"):  # e.g. to evaluate
+        safeft.find_adapter(str(checkpoints / "checkpoint-3"), "--adapter")
     resumed = run(common + ["--out", str(tmp_path / "resumed"), "--resume", str(checkpoints / "checkpoint-3")])
     whole, again = tensors(tmp_path / "whole"), tensors(tmp_path / "resumed")
     assert set(whole) == set(again)
