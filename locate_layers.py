@@ -511,6 +511,7 @@ def freeze_exports(model, safety, about):
 def plot_results(path, report, overwrite):
     """One PNG: cosine curves with std bands, the gap with its bootstrap band, every candidate of the search."""
     from matplotlib.figure import Figure  # no pyplot: never touches a notebook's backend
+    from matplotlib.ticker import MaxNLocator
     layers, initial, final = np.arange(report["num_layers"]), report["initial_range"], report["safety_layers"]
     rule, scaling, cosine = report["initial_range_rule"], report["scaling"], report["cosine"]
     fig = Figure(figsize=(10, 12), layout="constrained")
@@ -553,6 +554,12 @@ def plot_results(path, report, overwrite):
                      ylabel=f"refusals of {scaling['queries']} over-rejection prompts")
         ax_sweep.set_title(f"scaling search at {scaling['alpha']:g} ({scaling['alpha_mode']}), McNemar p = "
                            f"{scaling['p_value']:.3g}", fontsize=9)
+        # layers and refusals are whole numbers, and a count is never negative (all-zero sweeps drew -0.04..0.04)
+        ax_sweep.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_sweep.yaxis.set_major_locator(MaxNLocator(integer=True))
+        low, high = ax_sweep.get_ylim()
+        if low < 0:
+            ax_sweep.set_ylim(-0.5, max(high, 1.5))
     for ax in (ax_cos, ax_gap) + (() if scaling["skipped"] else (ax_sweep,)):
         ax.axvspan(initial["start"] - 0.5, initial["end"] + 0.5, color="gold", alpha=0.25, label=f"initial range "
                    f"{initial['start']}-{initial['end']}{' (fallback)' if report['fallback'] else ''}")

@@ -13,7 +13,7 @@ import torch
 
 import locate_layers as ll
 import safeft
-from conftest import copy_without_chat_template, make_tiny_model, write_jsonl
+from conftest import ROOT, copy_without_chat_template, make_tiny_model, write_jsonl
 
 NORMAL = ["how do i make a cake", "write a poem about bread", "tell me a story about a dog",
           "explain how the sum of 2 plus 3 is 5", "give me a recipe for bread", "list some good apples",
@@ -592,3 +592,21 @@ def test_4bit_hook_equals_dequantized_scaled_weights(tmp_path):
     # No trace: the same logits as before, bit for bit. (Not compared through state_dict(): on those CPUs saving
     # unpacks the repacked weights through a bf16 absmax, which changes the next forward's numerics by itself.)
     torch.testing.assert_close(logits_of(model, tokenizer, template), unscaled, atol=0, rtol=0)
+
+
+def test_sweep_panel_of_a_search_that_refused_nothing_has_no_negative_or_fractional_ticks(tmp_path, monkeypatch):
+    # A model that refuses no over-rejection prompt at any candidate (SmolLM2) drew refusals from -0.04 to 0.04 and
+    # layers at 14.5, 15.5: the panel must show whole layers and counts from 0
+    from matplotlib.figure import Figure
+    report = json.loads(open(os.path.join(ROOT, "docs", "qwen-coder-0.5b_safety_layers.json")).read())
+    for attempt in report["scaling"]["attempts"]:
+        for key in ("upper_sweep", "lower_sweep"):
+            attempt[key] = [dict(row, refusals=0) for row in attempt[key]]
+    report["scaling"]["baseline_refusals"] = 0
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self))
+    ll.plot_results(str(tmp_path / "p.png"), report, overwrite=True)
+    sweep = figures[0].axes[2]
+    assert sweep.get_ylim()[0] == -0.5 and sweep.get_ylim()[1] >= 1
+    assert all(float(t).is_integer() for t in sweep.get_xticks()) and all(float(t).is_integer()
+                                                                           for t in sweep.get_yticks())
