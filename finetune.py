@@ -43,7 +43,7 @@ LOG_FORMAT = "finetune/v1"
 SV_ADAPTER = "security_vectors"  # the vectors' adapter name beside the task adapter
 TASK_ADAPTER = "default"  # PEFT saves the "default" adapter at the root of the output folder
 TRAINABLE_FILE = "trainable.safetensors"  # in each checkpoint: exactly the weights that train
-SETTINGS_FILE = "finetune_settings.json"  # in each checkpoint: the flags a --resume must repeat
+SETTINGS_FILE = safeft.CHECKPOINT_SETTINGS_FILE  # in each checkpoint: the flags a --resume must repeat
 # The training flags that shape the weights; train_log.json records them and a --resume must repeat them.
 HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lr", "lr_schedule", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "epochs", "max_steps", "micro_batch_size", "grad_accum", "max_length",
@@ -231,7 +231,7 @@ def check_output_clean(folder, method):
 
 def resume_hint(args, argv):
     """Ctrl-C: what was kept, and the exact command that continues from it."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = safeft.launched_processes()
     last = newest_checkpoint(checkpoint_root(args), processes)  # a checkpoint cut short by the stop is passed over
     if not last:
         return f"no checkpoint was kept{'' if args.save_every else ' (--save-every N keeps one)'}; {args.out} " \

@@ -124,6 +124,11 @@ def command_line(argv):
     return [] if "kernel_launcher" in os.path.basename(sys.argv[0]) else sys.argv[1:]  # ipykernel's, Colab's
 
 
+def launched_processes():
+    """How many processes torchrun (or accelerate launch) started for this run: 1 under plain python."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
 def run_main(procedure, parser, argv, resume_hint=None, one_process=False):
     """Parses argv (command_line) and runs procedure(args): a UserError is one line on stderr and exit code 2,
     Ctrl-C one line that says what was kept (resume_hint(args) gives it) and exit code 130. one_process: the
@@ -133,10 +138,9 @@ def run_main(procedure, parser, argv, resume_hint=None, one_process=False):
     distributed = torch.distributed.is_available()
     group_was_open = distributed and torch.distributed.is_initialized()  # a caller's own group is the caller's
     try:
-        processes = int(os.environ.get("WORLD_SIZE") or 1)
-        if one_process and processes > 1:  # each rank did the whole run, and all but one found its output taken
-            raise UserError(f"{parser.prog} runs in one process, and was started as {processes} (torchrun or "
-                            f"accelerate launch): start it with python; only the training scripts use several")
+        if one_process and launched_processes() > 1:  # each rank did the whole run; all but one found its output taken
+            raise UserError(f"{parser.prog} runs in one process, and was started as {launched_processes()} (torchrun "
+                            f"or accelerate launch): start it with python; only the training scripts use several")
         return procedure(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -1068,6 +1072,9 @@ def check_layers_within(start, end, num_layers, flag):
                         f"(0-based, inclusive)")
 
 
+CHECKPOINT_SETTINGS_FILE = "finetune_settings.json"  # in each finetune.py checkpoint: the flags a --resume repeats
+
+
 def find_adapter(path, flag, config=None, template=None, made_by=None):
     """A PEFT LoRA adapter folder (ours at its root, or PEFT's one-named-subfolder layout) and the JSON of what
     made it (sv_meta.json or train_log.json, when there) -> {"path", "adapter_dir", "config", "meta" ({} without
@@ -1077,10 +1084,10 @@ def find_adapter(path, flag, config=None, template=None, made_by=None):
         raise UserError(f"{flag}: {path} is not a folder")
     adapter_dir = path
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        nested = [d for d in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, d, "adapter_config.json"))]
-        if os.path.isfile(os.path.join(path, "finetune_settings.json")):  # a checkpoint holds only what trains
+        if os.path.isfile(os.path.join(path, CHECKPOINT_SETTINGS_FILE)):  # a checkpoint holds only what trains
             raise UserError(f"{flag}: {path} is a finetune.py checkpoint (what --resume continues from), not an "
                             f"adapter; finetune.py writes the adapter to its --out when the run ends")
+        nested = [d for d in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, d, "adapter_config.json"))]
         if len(nested) != 1:
             raise UserError(f"{flag}: no adapter_config.json in {path} (not a PEFT adapter folder)")
         adapter_dir = os.path.join(path, nested[0])

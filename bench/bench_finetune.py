@@ -201,9 +201,8 @@ def head_prediction(model, data):
     import safeft
     shell = safeft.meta_model(safeft.load_config(model))
     head = shell.get_output_embeddings()
-    work = {name: m.in_features * m.out_features for name, m in shell.named_modules()
-            if isinstance(m, torch.nn.Linear)}
-    head_share = head.in_features * head.out_features / sum(work.values())
+    work = sum(m.in_features * m.out_features for m in shell.modules() if isinstance(m, torch.nn.Linear))
+    head_share = head.in_features * head.out_features / work
     tokenizer, template = safeft.load_tokenizer(model)
     examples = safeft.build_examples(tokenizer, safeft.read_rows(data, need_response=True), template, 512, "--data")
     tokens = sum(len(e["input_ids"]) for e in examples)
