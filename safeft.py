@@ -605,10 +605,17 @@ def _raw_records(path):
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
             ext = ".jsonl"
         else:
+            # pandas' to_json(orient="split"): {"columns": [names], "index": [...], "data": [[values], ...]}
+            if isinstance(records, dict) and isinstance(records.get("columns"), list) and "data" in records:
+                records = [dict(zip(records["columns"], row)) if isinstance(row, list) else row
+                           for row in records["data"]] if isinstance(records["data"], list) else None
             if isinstance(records, dict):
                 columns = list(records.values())
                 if columns and all(isinstance(c, dict) for c in columns) and len({tuple(c) for c in columns}) == 1:
-                    columns = [list(c.values()) for c in columns]  # pandas' to_json(): {"prompt": {"0": ..}, ..}
+                    # pandas' to_json() keys the outer dict by field, the inner by row number: {"prompt": {"0": ..}};
+                    # orient="index" the other way round, {"0": {"prompt": ..}}: its rows are the inner dicts
+                    by_row = all(str(k).isdigit() for k in records) and not all(str(k).isdigit() for k in columns[0])
+                    columns = [columns] if by_row else [list(c.values()) for c in columns]
                 lists = [c for c in columns if isinstance(c, list)]
                 if (len(lists) == len(columns) > 1 and len({len(c) for c in lists}) == 1
                         and not any(isinstance(c[0], dict) for c in lists if c)):  # Dataset.to_dict()'s columns

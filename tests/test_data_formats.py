@@ -76,9 +76,13 @@ def test_formats_agree(tmp_path):
     # columns: Dataset.to_dict()'s {"instruction": [...], ...} and pandas' to_json(), {"instruction": {"0": ...}}
     import pyarrow
     (tmp_path / "columns.json").write_text(json.dumps(pyarrow.Table.from_pylist(records).to_pydict()))
-    pyarrow.Table.from_pylist(records).to_pandas().to_json(tmp_path / "pandas.json")
+    frame = pyarrow.Table.from_pylist(records).to_pandas()
+    frame.to_json(tmp_path / "pandas.json")
+    for orient in ("index", "split", "table"):  # pandas' other layouts: rows keyed by number, [names] + [[values]]
+        frame.to_json(tmp_path / f"pandas-{orient}.json", orient=orient)
     for name in ("a.jsonl", "a.json", "wrapped.json", "lines.json", "a.csv", "a.tsv", "semicolon.csv", "a.ndjson",
-                 "a.jsonlines", "a.jsonl.gz", "a.csv.gz", "a.parquet", "saved", "columns.json", "pandas.json"):
+                 "a.jsonlines", "a.jsonl.gz", "a.csv.gz", "a.parquet", "saved", "columns.json", "pandas.json",
+                 "pandas-index.json", "pandas-split.json", "pandas-table.json"):
         rows = read(tmp_path / name, need_response=True)
         assert [(r["prompt"], r["response"]) for r in rows] == [("Say hi", "hi"), ("Say, bye", "bye")], name
         assert all(r["input"] is None and r["messages"] is None and r["label"] is None for r in rows), name
