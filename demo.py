@@ -303,6 +303,8 @@ def main(argv=None):
              "security_vectors": os.path.join(out, "security_vectors")}
     cells = sweep_cells(size, grid["--shares"], grid["--epochs"]) if args.sweep else demo_cells(size)
     seeds = [0] + sorted(set(grid["--seeds"]) - {0})  # the demo's own seed first: its report reads those cells
+    for caveat in caveats(args):
+        print(caveat.replace("**", ""))
     started = time.time()
     times_path = os.path.join(out, "step_times.json")
     times = {} if args.force else load_step_times(times_path)
@@ -373,13 +375,26 @@ def command_line(args):
         f" --epochs {args.epochs}" if args.epochs else "") + (f" --seeds {args.seeds}" if args.seeds else "")
 
 
+def caveats(args):
+    """What a reader must know before reading the rates of a small run: they say nothing about the defences."""
+    found = []
+    if args.size == "quick":
+        found.append("**A smoke run, not a measurement:** 8 rows per set and 16-token answers (the budget warnings "
+                     "are expected) show that every step runs; these rates say nothing about the defences.")
+    if args.model == "smollm2":
+        found.append("**SmolLM2-135M barely refuses** harmful requests, so there is little safety here for a defence "
+                     "to keep; judge the defences on the aligned model (`make demo`, the README's tables).")
+    return found
+
+
 def run_lines(args, times):
     """(the report's "Run on ..." sentence, the step-time table): both reports open and close with them."""
     known = [t for t in times.values() if t is not None]
     total = f"{sum(known) / 60:.1f} minutes of step time" + ("" if len(known) == len(times) else
                                                             " (some steps' times are unknown, see below)")
     header = (f"Run on {datetime.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} CPU cores), model "
-              f"`{args.model or 'default'}`, size `{args.size}`, {total}. Command: `{command_line(args)}`.")
+              f"`{args.model or 'default'}`, size `{args.size}`, {total}. Command: `{command_line(args)}`."
+              + "".join(f"\n\n{caveat}" for caveat in caveats(args)))
     table = ["| step | seconds |", "|---|---|"] + [
         f"| {k} | {'unknown (outputs were already there)' if v is None else f'{v:.0f}'} |" for k, v in times.items()]
     return header, table

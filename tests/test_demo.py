@@ -1,5 +1,6 @@
 """demo.py end to end on a tiny model: every step runs, the report is written, a rerun skips finished steps, and
 the sweep reuses the demo's cells and adds the rest of its grid."""
+import argparse
 import json
 import os
 import re
@@ -63,6 +64,17 @@ def test_demo_writes_the_report_from_its_own_outputs(demo_run):
     assert base_task["at_budget"]  # the tiny model rambles past the quick size's 16 tokens
     assert "Task answers cut at the budget of 16 tokens" in reading  # the report says so, run by run
     assert f"base {base_task['at_budget']}/{base_task['n']}" in reading
+    # a quick run's report and output say that its rates mean nothing; the model caveat is SmolLM2's alone
+    assert "A smoke run, not a measurement" in report.split("## What it shows")[0]
+    assert "A smoke run, not a measurement" in result.stdout and "SmolLM2" not in report
+
+
+def test_small_runs_say_what_their_rates_cannot_show():
+    def caveats(size, model):
+        return " ".join(demo.caveats(argparse.Namespace(size=size, model=model)))
+    assert caveats("cpu", "qwen-coder-0.5b") == "" and caveats("gpu", None) == ""
+    assert "smoke run" in caveats("quick", "smollm2") and "SmolLM2-135M barely refuses" in caveats("quick", "smollm2")
+    assert "SmolLM2" in caveats("lab", "smollm2") and "smoke" not in caveats("lab", "smollm2")
 
 
 def test_step_times_are_recorded_and_add_up(demo_run):
