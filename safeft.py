@@ -1406,8 +1406,11 @@ def generate_greedy(model, tokenizer, rows, template, max_new_tokens, batch_size
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         chunk = order[start:start + batch_size]
         batch = encode_prompts(tokenizer, [texts[i] for i in chunk], template, device)
-        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+        # Plain greedy whatever the model's generation_config says (a hub model's repetition penalty, beams): the
+        # measures read the argmax, as locate_layers' own decoding does.
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                   repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=tokenizer.pad_token_id,
+                                   temperature=None, top_p=None, top_k=None)
         for i, row in zip(chunk, generated[:, batch["input_ids"].shape[1]:]):
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return outputs

@@ -201,6 +201,21 @@ def test_shared_prefix_generation_equals_generate_greedy(loaded):
     assert ours == safeft.generate_greedy(model, tokenizer, OVER_REJECTION + NORMAL, template, 6, batch_size=4)
 
 
+def test_generation_is_plain_greedy_whatever_the_models_generation_config(loaded):
+    """Hub models ship decoding settings (Qwen2.5-Instruct: repetition_penalty 1.1): the measures and both stage-2
+    paths take the argmax at every step all the same, so the counts do not depend on the path or the model card."""
+    model, tokenizer, template = loaded
+    ids = ll.tokenize_prompts(tokenizer, OVER_REJECTION, template)
+    plain = ll.greedy_with_shared_prefix(model, tokenizer, ids, 6, batch_size=4)
+    saved = model.generation_config.to_dict()
+    model.generation_config.update(repetition_penalty=1.5, no_repeat_ngram_size=1, num_beams=2)
+    try:
+        assert safeft.generate_greedy(model, tokenizer, OVER_REJECTION, template, 6, batch_size=4) == plain
+    finally:
+        model.generation_config.update(**{k: saved.get(k) for k in ("repetition_penalty", "no_repeat_ngram_size",
+                                                                     "num_beams")})
+
+
 def test_prefix_check_bound_follows_the_compute_precision(monkeypatch):
     """A 4-bit model says float32 but computes in bf16 on some CPUs: a bf16-sized miss (0.3 logits in 30) passes
     there and fails an fp32 model; a miss of whole logits (a cache that does not share) fails both."""
