@@ -54,7 +54,7 @@ SEARCH_RADIUS = 3        # the paper's first window: each bound moves up to 3 la
 MAX_EXTRA_PASSES = 8     # candidates a sweep may add beyond its first window while its best sits at an edge
 SCALE_STEP = 0.05        # --scale auto tries 1 +- 0.05 n (the paper used 1.2 and 0.8) ...
 MAX_SCALE_STEPS = 4      # ... for n = 1..4
-MAX_NEW_TOKENS = 8       # a refusal shows in the opening words
+MAX_NEW_TOKENS = 16      # as the paper's code: room for "As an AI language model, I cannot" (8 cut it)
 BATCH_SIZE = 32          # prompts per forward pass
 CLEAR_P = 0.05           # "clear" for --scale auto: exact two-sided McNemar test
 HIDDEN_STATES = ("raw output of each decoder block (forward hooks on decoder_layers(model)[i]; the last layer "
@@ -268,6 +268,13 @@ def span_around_largest_gap(gap):
 def projection_modules(block):
     """A block's linear projections: nn.Linear and subclasses (bitsandbytes Linear4bit) and GPT-2's Conv1D."""
     return [m for m in block.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+
+
+def unscaled_weights(block):
+    """The weights of a block that the scaling hooks do not reach, norms aside: a Mixture-of-Experts block's fused
+    experts and router (plain parameters in transformers 5, not linear layers). SPPFT freezes them all the same."""
+    covered = {id(p) for module in projection_modules(block) for p in module.parameters()}
+    return [name for name, p in safeft.sppft_frozen_weights(block) if id(p) not in covered]
 
 
 @contextlib.contextmanager
@@ -623,7 +630,13 @@ def locate(args, log=print):
     flag_range = safeft.parse_layer_range(args.initial_range, "--initial-range") if args.initial_range else None
     phrases = None if args.skip_scaling else safeft.load_refusal_phrases(args.refusal_phrases)
     sets, data = read_prompt_sets(args)
-    num_layers = safeft.load_config(args.model).num_hidden_layers
+    config = safeft.load_config(args.model)
+    num_layers = config.num_hidden_layers
+    unscaled = [] if args.skip_scaling else unscaled_weights(safeft.decoder_layers(safeft.meta_model(config))[0])
+    if unscaled:  # the paper's code scales the projection weights of a dense model; here that leaves some out
+        print(f"warning: stage 2 scales each block's linear projections, and this model's blocks also hold "
+              f"{', '.join(unscaled)}, which are not scaled: the search is not the paper's on this model",
+              file=sys.stderr)
     if flag_range:
         safeft.check_layers_within(*flag_range, num_layers, "--initial-range")
     tokenizer, template = safeft.load_tokenizer(args.model, args.template)

@@ -13,7 +13,7 @@ import torch
 
 import locate_layers as ll
 import safeft
-from conftest import ROOT, copy_without_chat_template, make_tiny_model, write_jsonl
+from conftest import ROOT, copy_without_chat_template, make_tiny_model, make_tokenizer, write_jsonl
 
 NORMAL = ["how do i make a cake", "write a poem about bread", "tell me a story about a dog",
           "explain how the sum of 2 plus 3 is 5", "give me a recipe for bread", "list some good apples",
@@ -507,6 +507,23 @@ def test_bad_flags_are_clear_errors_before_loading(tiny_llama, data_files, tmp_p
         ll.main(cli(tiny_llama, data_files, tmp_path / "x.json", *extra))
     message = error_line(capsys)
     assert err.value.code == 2 and "error: " in message and flag in message
+
+
+def test_a_block_with_weights_the_scaling_cannot_reach_is_a_warning(data_files, tmp_path, capsys, no_weights):
+    """transformers 5 keeps a Mixture-of-Experts block's experts as plain parameters, which no projection hook
+    scales: said before the weights load (here the bad --initial-range stops the run just after)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+    tokenizer = make_tokenizer()
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    for name, config in (("moe", MixtralConfig(num_local_experts=4, **shape)), ("dense", LlamaConfig(**shape))):
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        with pytest.raises(SystemExit):
+            ll.main(cli(str(tmp_path / name), data_files, tmp_path / f"{name}.json", "--initial-range", "0-9"))
+        err = capsys.readouterr().err
+        assert ("mlp.experts.down_proj, which are not scaled" in err) == (name == "moe"), err
+        assert "--initial-range" in err.strip().splitlines()[-1]
 
 
 def test_started_by_torchrun_it_says_to_use_python(tiny_llama, data_files, tmp_path, capsys, no_weights,
