@@ -6,9 +6,9 @@ Two published defences, each one flag away, usable together:
   MLP weights get no gradient (norms, embeddings and the other layers train, as in the paper); with --method lora
   no LoRA module is placed on them (PEFT's layers_to_transform).
 * Security vectors (Zhou et al., "Making Harmful Behaviors Unlearnable for LLMs", arXiv 2311.02105):
-  --security-vectors DIR loads train_sv.py's adapter and keeps it active and frozen in every training forward,
-  so harmful examples in the data are already "learned" and carry little gradient. It is removed before saving:
-  the output never contains it.
+  --security-vectors DIR loads train_sv.py's adapter and keeps it active and frozen (no dropout) in every training
+  forward, so harmful examples in the data are already "learned" and carry little gradient. It is removed before
+  saving: the output never contains it.
 
 Training is transformers' Trainer with safeft's response-only loss (the LM head runs only where there is an answer
 token), so checkpoints, --resume, gradient accumulation, mixed precision, --report-to and several processes
@@ -151,6 +151,13 @@ def attach_adapters(model, args, targets, frozen, vectors):
     from peft import get_peft_model
     if vectors:
         model = safeft.load_adapter(model, vectors, SV_ADAPTER, "--security-vectors")
+        # Frozen vectors are a fixed function, the one train_sv.py checked: the Trainer's model.train() would switch
+        # their own LoRA dropout back on, and random masks raise their loss on the harmful rows (more gradient
+        # reaches the task weights). Their dropout served their own training only.
+        for module in model.modules():
+            dropout = getattr(module, "lora_dropout", None)
+            if isinstance(dropout, torch.nn.ModuleDict) and SV_ADAPTER in dropout:
+                dropout[SV_ADAPTER] = torch.nn.Identity()
     if args.method == "lora":
         keep = [i for i in range(len(safeft.decoder_layers(model))) if i not in frozen]
         config = safeft.lora_config(args, targets, layers_to_transform=keep if frozen else None)
@@ -334,6 +341,11 @@ def finetune(args):
     if vectors and vectors["meta"].get("format") == LOG_FORMAT:  # vectors from elsewhere (no sv_meta.json) are fine
         raise safeft.UserError(f"--security-vectors: {args.security_vectors} is a fine-tune (finetune.py's "
                                f"train_log.json), not security vectors: give train_sv.py's output")
+    if vectors and vectors["meta"].get("load_in_4bit") not in (None, load_in_4bit):
+        made, now = ("4-bit", "16/32-bit") if vectors["meta"]["load_in_4bit"] else ("16/32-bit", "4-bit")
+        print(f"warning: --security-vectors {args.security_vectors} were trained on the {made} base and this run "
+              f"loads it in {now}: they fit the base they were trained on best (train_sv.py --load-in-4bit / "
+              f"--no-load-in-4bit picks)", file=sys.stderr)
     examples = safeft.build_examples(tokenizer, rows, template, args.max_length, "--data")
     if args.train_on_inputs:  # every token is a target, the prompt's (and user turns') too, but the first: once
         # left-padded, nothing real comes before it, and a padding position would be asked to predict it

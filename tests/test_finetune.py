@@ -40,12 +40,12 @@ def sharp_llama(tmp_path_factory):
     return make_tiny_model("llama", tmp_path_factory.mktemp("sharp-llama"), head_scale=20)
 
 
-def make_security_vectors(model_dir, out_dir, rows, steps=40):
+def make_security_vectors(model_dir, out_dir, rows, steps=40, dropout=0.0):
     """A small LoRA trained to produce the harmful responses: what train_sv.py makes, built here with peft."""
     from peft import LoraConfig, get_peft_model
     model = safeft.load_model(model_dir)
     tokenizer, template = safeft.load_tokenizer(model_dir, "chat")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
                                              target_modules=safeft.projection_names(model)))
     batch = safeft.collate([safeft.build_example(tokenizer, {"line": 0, **r}, template, 128) for r in rows],
                            tokenizer.pad_token_id)
@@ -185,6 +185,24 @@ def test_full_mode_frozen_layers_bit_identical(tiny_llama, task_data, tmp_path):
     assert (out / "tokenizer_config.json").exists()
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_security_vectors_run_without_their_dropout(sharp_llama, tmp_path, method):
+    """Vectors trained with dropout (train_sv.py's default is 0.05) are the fixed function train_sv.py checked in
+    every training forward: the Trainer's train mode must not switch their dropout back on."""
+    vectors, _ = make_security_vectors(sharp_llama, tmp_path / "sv", HARMFUL_ROWS[:4], steps=2, dropout=0.5)
+    args = ft.build_parser().parse_args(["--method", method, "--lora-dropout", "0"])  # the task adapter's off too
+    model = safeft.load_model(sharp_llama)
+    model = ft.attach_adapters(model, args, safeft.projection_names(model), [],
+                               safeft.find_adapter(vectors, "--security-vectors"))
+    model.train()
+    tokenizer, template = safeft.load_tokenizer(sharp_llama, "chat")
+    batch = safeft.collate([safeft.build_example(tokenizer, {"line": 0, **HARMFUL_ROWS[0]}, template, 64)],
+                           tokenizer.pad_token_id)
+    with torch.no_grad():
+        first, second = (model(**batch).logits for _ in range(2))
+    assert torch.equal(first, second)
+
+
 def test_security_vectors_active_and_frozen_in_every_forward_and_absent_from_output(
         sharp_llama, task_data, security_vectors, tmp_path, monkeypatch):
     forwards = []
@@ -230,6 +248,20 @@ def test_security_vectors_lower_harmful_loss_and_gradient(sharp_llama, harmful_d
     with_sv = run(common + ["--out", str(tmp_path / "b"), "--security-vectors", security_vectors])
     assert with_sv["losses"][0] < 0.5 * without["losses"][0]
     assert with_sv["grad_norms"][0] < 0.5 * without["grad_norms"][0]
+
+
+def test_vectors_trained_on_another_precision_are_a_warning(sharp_llama, task_data, security_vectors, tmp_path,
+                                                            capsys):
+    import shutil
+    vectors = tmp_path / "vectors-4bit"
+    shutil.copytree(security_vectors, vectors)
+    meta = json.loads((vectors / "sv_meta.json").read_text())
+    (vectors / "sv_meta.json").write_text(json.dumps({**meta, "load_in_4bit": True}))  # as train_sv.py on CUDA
+    common = ["--model", sharp_llama, "--data", task_data, "--max-steps", "1", "--no-load-in-4bit"]
+    run(common + ["--out", str(tmp_path / "a"), "--security-vectors", str(vectors)])
+    assert "were trained on the 4-bit base and this run loads it in 16/32-bit" in capsys.readouterr().err
+    run(common + ["--out", str(tmp_path / "b"), "--security-vectors", security_vectors])
+    assert "were trained on the" not in capsys.readouterr().err
 
 
 def test_full_mode_with_security_vectors_and_frozen_layers(sharp_llama, task_data, security_vectors, tmp_path):
