@@ -194,6 +194,7 @@ non_negative_int = _number(int, 0, True)
 positive_float = _number(float, 0, False)
 non_negative_float = _number(float, 0, True)
 fraction = _number(float, 0, True, 1)  # [0, 1): dropout, warm-up share
+seed_int = _number(int, 0, True, 2 ** 32)  # what numpy's seeding accepts
 
 
 def report_targets(text):
@@ -232,7 +233,8 @@ def add_common_args(parser, out_default, bound, label_field=True):
                              "blank line); auto = chat when the tokenizer has a template, else alpaca")
     parser.add_argument("--load-in-4bit", default=None, action=argparse.BooleanOptionalAction,
                         help="load the base model in 4-bit NF4 with bitsandbytes (double quantization); "
-                             "unset = on in train_sv.py/finetune.py when a CUDA GPU is present, else off")
+                             "unset = on in train_sv.py and finetune.py's LoRA when a CUDA GPU is present, in "
+                             "evaluate.py what its adapters or fine-tuned model recorded, else off")
     parser.add_argument("--prompt-field", default=None,
                         help=f"name of the prompt field in data files (default: first of {', '.join(PROMPT_FIELDS)})")
     parser.add_argument("--response-field", default=None,
@@ -242,7 +244,7 @@ def add_common_args(parser, out_default, bound, label_field=True):
                             help="column whose safe/unsafe values pick the rows each measure uses (XSTest's "
                                  "'label': harmful = unsafe rows, over-refusal = safe rows); default: 'label' when a "
                                  "file has one; 'none' = use every row")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--out", default=out_default, help="where this script writes its output")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     if bound == "limit":
@@ -1102,9 +1104,9 @@ def find_adapter(path, flag, config=None, template=None, made_by=None):
     if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in weights):
         raise UserError(f"{flag}: no adapter_model.safetensors in {adapter_dir}")
     adapter_config = read_json_file(os.path.join(adapter_dir, "adapter_config.json"), flag)
-    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
-        # Several adapters can be active at once in one PeftModel only when all are LoRA.
-        raise UserError(f"{flag}: {path} is not a LoRA adapter (peft_type {adapter_config.get('peft_type')!r})")
+    peft_type = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else "none: not a JSON object"
+    if peft_type != "LORA":  # several adapters can be active at once in one PeftModel only when all are LoRA
+        raise UserError(f"{flag}: {path} is not a LoRA adapter (peft_type {peft_type!r})")
     meta_file = next((n for n in ("sv_meta.json", "train_log.json") if os.path.isfile(os.path.join(path, n))), None)
     meta = read_json_file(os.path.join(path, meta_file), flag) if meta_file else {}
     if not isinstance(meta, dict):

@@ -530,6 +530,9 @@ def test_find_adapter_layouts_and_what_it_refuses(tmp_path):
     adapter(tmp_path / "ia3", peft_type="IA3")
     with pytest.raises(h.UserError, match="^--adapter: .*ia3 is not a LoRA adapter .*'IA3'"):
         h.find_adapter(str(tmp_path / "ia3"), "--adapter")
+    (adapter(tmp_path / "listed") / "adapter_config.json").write_text("[]")  # valid JSON, not an object
+    with pytest.raises(h.UserError, match="^--adapter: .*listed is not a LoRA adapter .*not a JSON object"):
+        h.find_adapter(str(tmp_path / "listed"), "--adapter")
     (ours / "sv_meta.json").write_text("[1]")
     with pytest.raises(h.UserError, match="^--security-vectors: .*sv_meta.json is not a JSON object"):
         h.find_adapter(str(ours), "--security-vectors")
@@ -828,6 +831,13 @@ def test_common_args_help_shows_defaults():
     assert "runs/x.json" in text and "(default: 0)" in text
     args = parser.parse_args([])
     assert args.load_in_4bit is None and args.template == "auto"
+    assert "evaluate.py what its adapters or fine-tuned model recorded" in " ".join(text.split())
+    # numpy's seeding takes 0 to 2**32 - 1: the rest was a ValueError traceback when the run seeded, not exit 2
+    assert parser.parse_args(["--seed", str(2 ** 32 - 1)]).seed == 2 ** 32 - 1
+    for bad in ("-1", str(2 ** 32)):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["--seed", bad])
+        assert stop.value.code == 2
 
 
 def test_no_script_help_shows_a_bare_none_default():
