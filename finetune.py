@@ -52,9 +52,9 @@ HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lr", "lr_schedule", 
 
 # -- checks that need no weights --
 
-def read_freeze(spec, num_layers):
+def read_freeze(spec, num_layers, config=None):
     """--freeze-layers, a range like 6-12 or a safety_layers.json from locate_layers.py -> (what it said, the
-    0-based layer indices to freeze); checked against the config."""
+    0-based layer indices to freeze); checked against the config (the json's recorded model too, given config)."""
     if not spec:
         return None, []
     flag = "--freeze-layers"
@@ -72,6 +72,20 @@ def read_freeze(spec, num_layers):
         if data["num_layers"] != num_layers:
             raise UserError(f"{flag}: {spec} was made for a model with {data['num_layers']} layers "
                             f"(model {data.get('model')!r}); this model has {num_layers}")
+        # Another model with as many layers has its safety layers elsewhere: its fingerprint tells (as for adapters).
+        expected = data.get("fingerprint")
+        if config is not None and isinstance(expected, dict):
+            actual = safeft.model_fingerprint(config)
+            wrong = [f"{k} {expected[k]} != {actual[k]}" for k in actual if k in expected and expected[k] != actual[k]]
+            if wrong:
+                raise UserError(f"{flag}: {spec} was made for another model ({data.get('model')!r}: "
+                                f"{'; '.join(wrong)})")
+        # Stage 1 found no clear range and no scaling search refined its fallback (--skip-scaling): the layers are
+        # a guess, and the user may not have looked at the plot. A scaling search's result stands on its own.
+        if data.get("fallback") and not str(data.get("safety_layers_source")).startswith("scaling search"):
+            reason = str(data.get("fallback_reason") or "no reason recorded").strip().rstrip(".")
+            print(f"warning: {flag} {spec} holds the layer search's fallback, not a detected range ({reason}); "
+                  f"check its plot before relying on it", file=sys.stderr)
         freeze = {"start": layers["start"], "end": layers["end"], "source": spec, "model": data.get("model")}
     elif any(c.isdigit() for c in spec) and not spec.endswith(".json"):
         start, end = safeft.parse_layer_range(spec, flag)
@@ -105,7 +119,8 @@ def checkpoint_problem(path, processes):
         try:
             if name.endswith(".json"):
                 with open(file, encoding="utf-8") as f:
-                    json.load(f)
+                    if not isinstance(json.load(f), dict):  # what the resume reads from it would be missing
+                        return f"has a damaged {name} (not a JSON object)"
             elif name.endswith(".safetensors"):
                 with safe_open(file, framework="pt") as f:  # checks the header against the file's size
                     list(f.keys())
@@ -323,6 +338,12 @@ def finetune(args):
     args.lr = args.lr or DEFAULT_LR[args.method]
     safeft.check_output_location(args.out, args.overwrite, is_dir=True)
     root = checkpoint_root(args)
+    # The Trainer makes its folder at the start, so --out would no longer be new when the result is moved there
+    # (and --overwrite would delete the checkpoints with the old --out).
+    out, inner = (os.path.normcase(os.path.realpath(p)) for p in (args.out, root))
+    if inner == out or inner.startswith(out.rstrip(os.sep) + os.sep):
+        raise UserError(f"--checkpoint-dir: {root} is --out {args.out} or inside it; give --checkpoint-dir a "
+                        f"folder outside --out")
     root_existed = os.path.exists(root)  # only new checkpoints need a free folder; a file is refused either way
     safeft.check_output_location(root, args.overwrite or bool(args.resume) or not args.save_every,
                                  "--checkpoint-dir", is_dir=True)
@@ -335,7 +356,7 @@ def finetune(args):
     shell = safeft.meta_model(config)  # module names and layer count without weights
     num_layers = len(safeft.decoder_layers(shell))
     targets = safeft.pick_target_modules(shell, args.lora_target_modules)
-    freeze, frozen = read_freeze(args.freeze_layers, num_layers)
+    freeze, frozen = read_freeze(args.freeze_layers, num_layers, config)
     vectors = safeft.find_adapter(args.security_vectors, "--security-vectors", config, template) \
         if args.security_vectors else None
     if vectors and vectors["meta"].get("format") == LOG_FORMAT:  # vectors from elsewhere (no sv_meta.json) are fine

@@ -432,6 +432,75 @@ def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, 
                                                     "--out", str(tmp_path / "taken")])
 
 
+def test_a_checkpoint_dir_that_is_or_is_inside_out_is_refused_before_loading(tiny_llama, task_data, tmp_path,
+                                                                             capsys, no_weights):
+    """The Trainer makes --checkpoint-dir when it starts: in --out, the result could not be moved to --out at the end
+    (or --overwrite would delete the checkpoints), found only after the whole run."""
+    out = tmp_path / "out"
+    os.symlink(out, tmp_path / "link")  # the same folder by another name
+    for checkpoints in (out, out / "checkpoints", tmp_path / "link" / "checkpoints"):
+        message = one_line_error(capsys, ["--model", tiny_llama, "--data", task_data, "--out", str(out),
+                                          "--checkpoint-dir", str(checkpoints), "--save-every", "1"])
+        assert "--checkpoint-dir" in message and "--out" in message and str(checkpoints) in message
+    assert not out.exists()
+
+
+def test_a_checkpoint_json_that_is_not_an_object_is_one_line(tiny_llama, task_data, tmp_path, capsys, no_weights):
+    from safetensors.torch import save_file
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    save_file({}, str(checkpoint / ft.TRAINABLE_FILE))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({}, checkpoint / name)
+    for name in (ft.SETTINGS_FILE, "trainer_state.json"):
+        (checkpoint / name).write_text("{}")
+    assert ft.checkpoint_problem(str(checkpoint), 1) is None  # complete but for the JSON spoilt below
+    for name in (ft.SETTINGS_FILE, "trainer_state.json"):
+        (checkpoint / name).write_text("[]")
+        message = one_line_error(capsys, ["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "o"),
+                                          "--resume", str(checkpoint)])
+        assert f"{checkpoint} has a damaged {name} (not a JSON object)" in message
+        (checkpoint / name).write_text("{}")
+
+
+def safety_layers_record(config, **changes):
+    return {"format": safeft.SAFETY_LAYERS_FORMAT, "num_layers": 4, "model": "m",
+            "safety_layers": {"start": 1, "end": 2}, "fingerprint": safeft.model_fingerprint(config),
+            "fallback": False, "fallback_reason": None, **changes}
+
+
+def test_a_safety_layers_json_of_another_model_with_as_many_layers_is_refused(tiny_llama, task_data, tmp_path,
+                                                                              capsys, no_weights):
+    config = safeft.load_config(tiny_llama)
+    path = tmp_path / "safety_layers.json"
+    other = {**safeft.model_fingerprint(config), "model_type": "qwen2", "hidden_size": 64}
+    path.write_text(json.dumps(safety_layers_record(config, fingerprint=other)))
+    message = one_line_error(capsys, ["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "o"),
+                                      "--freeze-layers", str(path)])
+    assert message.startswith(f"error: --freeze-layers: {path} was made for another model")
+    assert "model_type qwen2 != llama" in message and "hidden_size 64 != 32" in message
+    path.write_text(json.dumps(safety_layers_record(config)))  # this model's: accepted
+    assert ft.read_freeze(str(path), 4, config)[1] == [1, 2]
+
+
+def test_a_fallback_safety_layers_json_is_a_warning(tmp_path, capsys):
+    from transformers import LlamaConfig
+    config = LlamaConfig(num_hidden_layers=4, hidden_size=32, vocab_size=400, num_attention_heads=4)
+    path = tmp_path / "safety_layers.json"
+    path.write_text(json.dumps(safety_layers_record(config)))
+    assert ft.read_freeze(str(path), 4)[1] == [1, 2] and capsys.readouterr().err == ""
+    path.write_text(json.dumps(safety_layers_record(config, fallback=True,
+                                                    fallback_reason="the angle gap has no clear peak.")))
+    assert ft.read_freeze(str(path), 4)[1] == [1, 2]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: --freeze-layers {path} holds the layer search's fallback")
+    assert "(the angle gap has no clear peak)" in err[0]
+    # the demo's case: stage 1 fell back, and the scaling search found the layers from there
+    path.write_text(json.dumps(safety_layers_record(config, fallback=True, fallback_reason="no clear peak",
+                                                    safety_layers_source="scaling search at scale 1.05")))
+    assert ft.read_freeze(str(path), 4)[1] == [1, 2] and capsys.readouterr().err == ""
+
+
 def test_security_vectors_without_a_record_or_with_another_template_are_warnings(tmp_path, capsys):
     from transformers import LlamaConfig
     config = LlamaConfig(num_hidden_layers=4, hidden_size=32, vocab_size=400, num_attention_heads=4)
