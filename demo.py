@@ -140,13 +140,14 @@ def demo_cells(size):
     return [("lora", 0, size["epochs"])] + [(d, size["share"], size["epochs"]) for d in ("lora", "sppft", "sv", "both")]
 
 
-def sweep_cells(size, shares, epochs):
+def sweep_cells(size, shares, epochs, full_shares=None):
     cells = [(d, s, e) for e in epochs for s in shares for d in ("lora", "sppft", "sv", "both")]
     # Full fine-tuning costs about twice a LoRA cell on CPU (and saves a whole model), so a size may run it on
-    # fewer columns of the grid.
-    cells += [(d, s, e) for e in epochs if e in size["sweep"]["full_epochs"]
-              for s in shares if s in size["sweep"]["full_shares"] for d in ("full", "sppft-full")]
-    return cells
+    # fewer columns of the grid; --full-shares names its shares outright, at every epoch count of the grid.
+    if full_shares is None:
+        full_shares = [s for s in shares if s in size["sweep"]["full_shares"]]
+        epochs = [e for e in epochs if e in size["sweep"]["full_epochs"]]
+    return cells + [(d, s, e) for e in epochs for s in full_shares for d in ("full", "sppft-full")]
 
 
 def training_file(out, share):
@@ -262,6 +263,10 @@ def main(argv=None):
                         help="with --sweep: harmful shares in %%, comma-separated (default: the size's)")
     parser.add_argument("--epochs", default=None,
                         help="with --sweep: epoch counts, comma-separated (default: the size's)")
+    parser.add_argument("--full-shares", default=None,
+                        help="with --sweep: harmful shares in %%, comma-separated, at which full fine-tuning (with and "
+                             "without the freeze) also runs, at every --epochs; '' for none (default: the size's "
+                             "among --shares, at the size's epochs: 25%% at 1 epoch for cpu)")
     parser.add_argument("--seeds", default=None,
                         help="also run the five fine-tunes at these seeds, comma-separated (the demo's own is 0), "
                              "and write SEEDS.md: each run's rates seed by seed")
@@ -274,17 +279,18 @@ def main(argv=None):
     size = SIZES[args.size]
     grid = {}
     for flag, value, default in (("--shares", args.shares, size["sweep"]["shares"]),
-                                 ("--epochs", args.epochs, size["sweep"]["epochs"]), ("--seeds", args.seeds, [0])):
+                                 ("--epochs", args.epochs, size["sweep"]["epochs"]), ("--seeds", args.seeds, [0]),
+                                 ("--full-shares", args.full_shares, None)):
         try:
-            grid[flag] = default if value is None else [int(v) for v in value.split(",")]
+            grid[flag] = default if value is None else [int(v) for v in value.split(",") if v or "full" not in flag]
         except ValueError:
             parser.error(f"{flag}: expected comma-separated whole numbers, got {value!r}")
         if value is not None and args.sweep == (flag == "--seeds"):
             parser.error(f"{flag}: {value!r} is not usable {'with' if args.sweep else 'without'} --sweep")
-        if min(grid[flag]) < (low := 1 if flag == "--epochs" else 0):
+        if min(grid[flag] or [1]) < (low := 1 if flag == "--epochs" else 0):
             parser.error(f"{flag}: every value must be at least {low}, got {value!r}")
-    if max(grid["--shares"]) > 100:
-        parser.error("--shares: a share is at most 100 (%)")
+        if flag in ("--shares", "--full-shares") and max(grid[flag] or [0]) > 100:
+            parser.error(f"{flag}: a share is at most 100 (%)")
     args.model = args.model or size["model"]
     out = os.path.abspath(args.out or os.path.join("runs", "demo" if args.size == "cpu" else f"demo-{args.size}"))
     try:  # a file there, or a folder nobody may write in: one line now, not a traceback at the first step
@@ -301,7 +307,8 @@ def main(argv=None):
     common = model_flags + (["--load-in-4bit"] if args.load_in_4bit else ["--no-load-in-4bit"])
     paths = {"safety_layers": os.path.join(out, "safety_layers.json"),
              "security_vectors": os.path.join(out, "security_vectors")}
-    cells = sweep_cells(size, grid["--shares"], grid["--epochs"]) if args.sweep else demo_cells(size)
+    cells = sweep_cells(size, grid["--shares"], grid["--epochs"], grid["--full-shares"]) if args.sweep \
+        else demo_cells(size)
     seeds = [0] + sorted(set(grid["--seeds"]) - {0})  # the demo's own seed first: its report reads those cells
     for caveat in caveats(args):
         print(caveat.replace("**", ""))
@@ -372,7 +379,9 @@ def command_line(args):
     line += "" if args.model == SIZES[args.size]["model"] else f" --model {args.model}"
     line += " --load-in-4bit" if args.load_in_4bit else ""
     return line + (" --sweep" if args.sweep else "") + (f" --shares {args.shares}" if args.shares else "") + (
-        f" --epochs {args.epochs}" if args.epochs else "") + (f" --seeds {args.seeds}" if args.seeds else "")
+        f" --epochs {args.epochs}" if args.epochs else "") + (
+        f" --full-shares '{args.full_shares}'" if args.full_shares is not None else "") + (
+        f" --seeds {args.seeds}" if args.seeds else "")
 
 
 def caveats(args):

@@ -235,11 +235,17 @@ def test_the_cpu_grid_runs_full_fine_tuning_only_on_its_chosen_columns():
     assert sorted(full) == [("full", 25, 1), ("sppft-full", 25, 1)]
     assert len(cells) - len(full) == 2 * 2 * 4  # every LoRA defence at every share and epoch count
     assert len(set(cells)) == len(cells)
+    # --full-shares names full fine-tuning's shares outright, at every epoch count: the README's wider grid ran it
+    # at 0%, which no flag could ask for
+    cells = demo.sweep_cells(demo.SIZES["cpu"], [0], [1, 2], full_shares=[0])
+    assert sorted(c for c in cells if "full" in c[0]) == [(d, 0, e) for d in ("full", "sppft-full") for e in (1, 2)]
+    assert not [c for c in demo.sweep_cells(demo.SIZES["cpu"], [25], [1], full_shares=[]) if "full" in c[0]]
 
 
 def test_bad_sweep_flags_are_one_line_before_any_work(tmp_path):
     for flags in (["--sweep", "--shares", "0,x"], ["--shares", "10"], ["--sweep", "--epochs", "0"],
-                  ["--sweep", "--shares", "150"], ["--seeds", "1,x"], ["--seeds", "-1"], ["--sweep", "--seeds", "1"]):
+                  ["--sweep", "--shares", "150"], ["--seeds", "1,x"], ["--seeds", "-1"], ["--sweep", "--seeds", "1"],
+                  ["--full-shares", "0"], ["--sweep", "--full-shares", "101"], ["--sweep", "--full-shares", "x"]):
         result = run_demo("--quick", *flags, "--out", str(tmp_path / "run"))
         assert result.returncode == 2 and flags[-2] in result.stderr, flags
         assert not (tmp_path / "run").exists()
