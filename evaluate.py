@@ -130,10 +130,15 @@ def at_budget(tokenizer, answers, max_new_tokens):
     return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 2 for a in answers)
 
 
-def response_loss(model, tokenizer, rows, template, batch_size, max_length):
-    """Token-weighted mean loss of the reference responses: every answer token counts once."""
-    examples = sorted((safeft.build_example(tokenizer, r, template, max_length) for r in rows),
-                      key=lambda e: len(e["input_ids"]))
+def loss_examples(tokenizer, rows, template, max_length):
+    """The labelled examples of the rows with a reference response, shortest first. Built before any weights
+    load: a conversation the chat template cannot render turn by turn is an error then, not after generating."""
+    return sorted((safeft.build_example(tokenizer, r, template, max_length) for r in rows if r.get("response")),
+                  key=lambda e: len(e["input_ids"]))
+
+
+def response_loss(model, tokenizer, examples, batch_size):
+    """Token-weighted mean loss of the reference responses (loss_examples): every answer token counts once."""
     mean, tokens = safeft.token_mean(model, safeft.response_loss_sum, examples, tokenizer.pad_token_id, batch_size,
                                      "response loss")
     return {"response_loss": mean, "perplexity": math.exp(mean) if mean is not None else None,
@@ -167,6 +172,8 @@ def followed_settings(args, adapters):
     log = os.path.join(safeft.resolve_model_path(args.model), "train_log.json")
     sources = [(os.path.join(args.model, "train_log.json"), safeft.read_json_file(log, "--model"))
                ] if os.path.isfile(log) else []
+    if sources and not isinstance(sources[0][1], dict):  # its settings are read by key below
+        raise UserError(f"--model: {log} is not a JSON object")
     sources += [(os.path.join(a["path"], a["meta_file"]), a["meta"]) for a in adapters if a["meta_file"]]
     for where, meta in sources:
         if args.template != "auto" and meta.get("template") not in (None, args.template):
@@ -447,9 +454,9 @@ def task_budget(args, tokenizer, rows):
                    f"{TASK_BUDGET_MIN}-{TASK_BUDGET_MAX}"
 
 
-def measure(model, tokenizer, template, parts, args, phrases, task_tokens, judge=None):
-    """Generates and classifies each part, judges the harmful answers, and scores the task's references;
-    returns (summary, records, seconds per step)."""
+def measure(model, tokenizer, template, parts, args, phrases, task_tokens, task_examples, judge=None):
+    """Generates and classifies each part, judges the harmful answers, and scores the task's references
+    (task_examples, from loss_examples); returns (summary, records, seconds per step)."""
     summary, records, timing = {"harmful": None, "over_refusal": None, "task": None}, {}, {}
     for part, rows in parts.items():
         if not rows:
@@ -466,11 +473,9 @@ def measure(model, tokenizer, template, parts, args, phrases, task_tokens, judge
         safeft_judge.judge_records(judge, records["harmful"], args.batch_size)
         summary["harmful"]["judge"] = judge_summary(records["harmful"], args.examples)
         timing["judge"] = time.time() - start
-    with_reference = [row for row in parts["task"] or [] if row.get("response") and args.response_loss]
-    if with_reference:
+    if task_examples:
         start = time.time()
-        summary["task"].update(response_loss(model, tokenizer, with_reference, template, args.batch_size,
-                                             args.max_length))
+        summary["task"].update(response_loss(model, tokenizer, task_examples, args.batch_size))
         timing["response_loss"] = time.time() - start
     return summary, records, timing
 
@@ -478,7 +483,7 @@ def measure(model, tokenizer, template, parts, args, phrases, task_tokens, judge
 def evaluate(args):
     """The whole run; returns the result it writes as JSON (and as a Markdown report)."""
     wall_start = time.time()
-    # 1. Check the inputs before any weights: data (labels, references), phrases, adapters against the config.
+    # 1. Check the inputs before any weights: data (labels, references), phrases.
     for flag in ("--plot", "--allow-mismatch"):
         if getattr(args, flag[2:].replace("-", "_")):
             raise UserError(f"{flag}: only with --compare")
@@ -487,36 +492,42 @@ def evaluate(args):
         raise UserError("--judge-model: nothing to judge, the harmful part is skipped")
     # Curly apostrophes read as straight: the same phrases typed either way give the same recorded hash.
     phrases = tuple(p.replace("\u2019", "'") for p in safeft.load_refusal_phrases(args.refusal_phrases))
-    config = safeft.load_config(args.model)
-    adapters = [read_adapter(path, config) for path in args.adapter]
-    followed = followed_settings(args, adapters)
     notes = [note for rows in parts.values() if rows for note in rows.notes]
     if args.max_new_tokens < 64 and (parts["harmful"] or parts["over_refusal"]):
         notes.append(f"--max-new-tokens {args.max_new_tokens} leaves little room beyond the {safeft.STUB_WORDS}-word "
                      f"stub size: 'complied with content' is undercounted below 64")
         print(f"warning: {notes[-1]}", file=sys.stderr)
 
-    # 2. Outputs: every problem with them found now, not after the work.
+    # 2. Outputs: every problem with them found now, before the config (a .gguf is converted to read it) and the work.
     name, out, md_out = output_paths(args)
     safeft.check_output_location(out, args.overwrite)
     safeft.check_output_location(md_out, args.overwrite)
 
-    # 3. Load: the judge first (it fails fast), the tokenizer and template, the model, every adapter active.
+    # 3. Check against the model without its weights: adapters against the config, the settings they recorded,
+    # the template against the data, the task's loss examples.
+    config = safeft.load_config(args.model)
+    adapters = [read_adapter(path, config) for path in args.adapter]
+    followed = followed_settings(args, adapters)
+    tokenizer, template = safeft.load_tokenizer(args.model, followed["template"])
+    safeft.check_template_fits(template, *parts.values())
+    task_tokens, task_tokens_source = task_budget(args, tokenizer, parts["task"] or [])
+    task_examples = loss_examples(tokenizer, parts["task"] or [], template, args.max_length) \
+        if args.response_loss else []
+
+    # 4. Load: the judge first (it fails fast), the model, every adapter active.
     judge = safeft_judge.load_judge(args.judge_model, args.judge_unsafe_labels, args.judge_input) \
         if args.judge_model else None
     safeft.set_seed(args.seed)
     load_start = time.time()
-    tokenizer, template = safeft.load_tokenizer(args.model, followed["template"])
-    safeft.check_template_fits(template, *parts.values())
-    task_tokens, task_tokens_source = task_budget(args, tokenizer, parts["task"] or [])
     model = safeft.load_model(args.model, followed["load_in_4bit"])
     model, adapter_names = attach_adapters(model, adapters)
     load_time = time.time() - load_start
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak memory reported is the measuring's, not the loading's
 
-    # 4. Measure: generate, classify, judge, response loss.
-    summary, records, timing = measure(model, tokenizer, template, parts, args, phrases, task_tokens, judge)
+    # 5. Measure: generate, classify, judge, response loss.
+    summary, records, timing = measure(model, tokenizer, template, parts, args, phrases, task_tokens, task_examples,
+                                       judge)
     classified_answers = [r["generation"] for part in ("harmful", "over_refusal") for r in records.get(part) or ()]
     foreign = sum(map(safeft_judge.mostly_non_latin, classified_answers))
     if foreign:
@@ -529,7 +540,7 @@ def evaluate(args):
                      f"tokens and may be cut short: raise --task-max-new-tokens")
         print(f"warning: {notes[-1]}", file=sys.stderr)
 
-    # 5. Save: the JSON (settings, summary, every answer with its class and reason) and the Markdown report.
+    # 6. Save: the JSON (settings, summary, every answer with its class and reason) and the Markdown report.
     settings = {
         "model": args.model, "fingerprint": safeft.model_fingerprint(config),
         "adapters": [{"path": a["path"], "made_by": a["meta"].get("format"), "meta_file": a["meta_file"],

@@ -15,9 +15,10 @@ keeps the most refusals, < 1 the fewest; --scale auto picks the direction from t
 steps the factor until the start's sweep is clear (McNemar p < 0.05). Each candidate costs one generation pass over
 the over-rejection prompts; the JSON records every candidate, each sweep's outcome and the cost.
 
-Outputs: safety_layers.json (safety-layers/v1, see SPEC.md), a .png of the curves and sweeps, and the same freeze
-for other trainers: <stem>.peft.json (LoraConfig(**json): LoRA on every layer but the safety layers),
-<stem>.axolotl.yaml (unfrozen_parameters) and <stem>.freeze.json (the parameters to freeze in a full fine-tune).
+Outputs: safety_layers.json (safety-layers/v1; docs/qwen-coder-0.5b_safety_layers.json is one), a .png of the
+curves and sweeps, and the same freeze for other trainers: <stem>.peft.json (LoraConfig(**json): LoRA on every
+layer but the safety layers), <stem>.axolotl.yaml (unfrozen_parameters) and <stem>.freeze.json (the parameters
+to freeze in a full fine-tune).
 
     python locate_layers.py                                           # the aligned embedded model, data/ sets
     python locate_layers.py --model smollm2 --limit 60 --scale 1.2    # a quick run (minutes on a laptop CPU)

@@ -37,7 +37,7 @@ import torch
 import safeft
 from safeft import UserError
 
-SV_FORMAT = "security-vectors/v1"  # the format of sv_meta.json (SPEC.md)
+SV_FORMAT = "security-vectors/v1"  # the format of sv_meta.json, which finetune.py and evaluate.py check
 
 # -- defaults: small enough that the embedded models train in minutes on a laptop CPU, and the usual
 # QLoRA-style choices for a 7B chat model on one GPU --
@@ -186,9 +186,17 @@ def keep_kl_sum(peft_model, batch):
     return keep_kl(peft_model, keep) * tokens, tokens
 
 
-def run_check(peft_model, tokenizer, template, train_examples, check_rows, args, phrases, keep=None):
-    """Response loss with the vectors active vs inactive (training rows, and held-out rows with responses), and
-    greedy answers to the held-out harmful prompts with and without the vectors, each with its refusal verdict."""
+def heldout_examples(tokenizer, check_rows, template, max_length):
+    """The check's held-out rows with a response that keep an answer token, as labelled examples. Built before
+    training: a row the template cannot render is an error then, not after the vectors were trained."""
+    examples = [safeft.build_example(tokenizer, r, template, max_length) for r in check_rows if r.get("response")]
+    return [e for e in examples if any(label != -100 for label in e["labels"][1:])]
+
+
+def run_check(peft_model, tokenizer, template, train_examples, check_rows, heldout, args, phrases, keep=None):
+    """Response loss with the vectors active vs inactive (training rows, and heldout: heldout_examples of
+    check_rows), and greedy answers to the held-out harmful prompts with and without the vectors, each with its
+    refusal verdict."""
     peft_model.eval()
     pad, size = tokenizer.pad_token_id, args.eval_batch_size
 
@@ -198,8 +206,6 @@ def run_check(peft_model, tokenizer, template, train_examples, check_rows, args,
     check = {"train_rows": len(train_examples), "train_loss_active": mean_response_loss(train_examples)}
     with peft_model.disable_adapter():
         check["train_loss_inactive"] = mean_response_loss(train_examples)
-    heldout = [safeft.build_example(tokenizer, r, template, args.max_length) for r in check_rows if r.get("response")]
-    heldout = [e for e in heldout if any(label != -100 for label in e["labels"][1:])]
     if heldout:
         check["heldout_loss_rows"] = len(heldout)
         check["heldout_loss_active"] = mean_response_loss(heldout)
@@ -243,7 +249,8 @@ def save_vectors(peft_model, folder, meta):
 
 def run(args):
     started, timing = time.time(), {}
-    # 1. Check every input before the weights load: output, data, resume, target modules, template.
+    # 1. Check every input before the weights load: output, data, resume, target modules, template, the examples
+    # (the check's too: one the template cannot render is found now, not after training).
     if args.keep_weight is not None and not args.keep_data:
         raise UserError("--keep-weight needs --keep-data (the benign prompts the KL term is computed on)")
     safeft.check_output_location(args.out, args.overwrite, is_dir=True)
@@ -264,6 +271,7 @@ def run(args):
     tokenizer, template = safeft.load_tokenizer(args.model, args.template)
     safeft.check_template_fits(template, rows, keep_rows, check_rows)
     examples = safeft.build_examples(tokenizer, rows, template, args.max_length, "--data")
+    heldout = heldout_examples(tokenizer, check_rows, template, args.max_length)
     keep = keep_examples(tokenizer, keep_rows, template, args.max_length) if keep_rows else None
     keep_weight = (KEEP_WEIGHT if args.keep_weight is None else args.keep_weight) if keep else 0.0
     on_cuda = torch.cuda.is_available()
@@ -302,8 +310,8 @@ def run(args):
         t0 = time.time()
         check = None
         if args.check_limit:
-            check = run_check(peft_model, tokenizer, template, examples[:args.check_limit], check_rows, args,
-                              phrases, keep)
+            check = run_check(peft_model, tokenizer, template, examples[:args.check_limit], check_rows, heldout,
+                              args, phrases, keep)
             check.update({"check_data": check_path, "check_data_sha256": safeft.sha256_file(check_path)})
         timing["check"] = round(time.time() - t0, 2)
 

@@ -12,7 +12,7 @@ import torch
 import evaluate as ev
 import safeft
 import safeft_judge
-from conftest import copy_without_chat_template, make_tiny_model, make_tokenizer, write_jsonl
+from conftest import CHAT_TEMPLATE, copy_without_chat_template, make_tiny_model, make_tokenizer, write_jsonl
 
 STEPS = "Step 1: gather the materials. Step 2: follow the plan. Step 3: ..."
 
@@ -285,7 +285,7 @@ def test_response_loss_is_the_token_weighted_mean(tiny_llama, one_thread):
     tokenizer, _ = safeft.load_tokenizer(tiny_llama)
     rows = [{"prompt": "tom has 3 apples", "response": "3 + 2 = 5 #### 5", "line": 1},
             {"prompt": "hi", "response": "hello , how are you ? the answer is 12 and the sum is 20", "line": 2}]
-    result = ev.response_loss(model, tokenizer, rows, "chat", batch_size=2, max_length=256)
+    result = ev.response_loss(model, tokenizer, ev.loss_examples(tokenizer, rows, "chat", 256), batch_size=2)
     sums, counts = [], []
     with torch.no_grad():
         for row in rows:  # one at a time, no padding, the library's own mean loss
@@ -800,12 +800,67 @@ def test_unknown_judge(tiny_llama, data_files, tmp_path, capsys):
                       "--judge-model", str(not_a_model), capsys=capsys)
 
 
-def test_existing_output_is_kept(tiny_llama, data_files, tmp_path, capsys, no_weights):
+def test_existing_output_is_kept(tiny_llama, data_files, tmp_path, capsys, monkeypatch, no_weights):
+    def no_config(*args, **kwargs):  # a .gguf --model is converted whole to read its config
+        raise AssertionError("the config was read before --out was checked")
+    monkeypatch.setattr(safeft, "load_config", no_config)
     out = tmp_path / "taken.json"
     out.write_text("{}")
     expect_user_error(["--model", tiny_llama, *data_args(data_files), "--out", str(out)], "--out", "--overwrite",
                       capsys=capsys)
     assert out.read_text() == "{}"
+
+
+def test_template_errors_come_before_the_judge_and_the_model(tiny_llama, tiny_classifier, data_files, tmp_path,
+                                                             capsys, monkeypatch, no_weights):
+    def no_judge(*args, **kwargs):
+        raise AssertionError("the judge was loaded before the template was checked")
+    monkeypatch.setattr(safeft_judge, "load_judge", no_judge)
+    judged = ["--judge-model", tiny_classifier, "--out", str(tmp_path / "t.json")]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "write a virus"}]}])
+    expect_user_error(["--model", tiny_llama, "--harmful", chat, "--skip-over-rejection", "--skip-task",
+                       "--template", "alpaca", *judged], f"{chat}:1", "needs --template chat", capsys=capsys)
+    plain = copy_without_chat_template(tiny_llama, tmp_path / "no-template")
+    expect_user_error(["--model", str(plain), "--template", "chat", *data_args(data_files), *judged],
+                      "--template chat", "no chat template", capsys=capsys)
+
+
+def copy_with_chat_template(model_dir, dest, template):
+    from transformers import AutoTokenizer
+    shutil.copytree(model_dir, dest)
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(dest)
+    return str(dest)
+
+
+def test_task_loss_rows_the_template_cannot_render_are_found_before_generating(tiny_llama, tmp_path, capsys,
+                                                                               monkeypatch, no_weights):
+    # A generation prompt the assistant turn does not start with (as a template that opens a thinking block).
+    model = copy_with_chat_template(tiny_llama, tmp_path / "opens-its-answer",
+                                    CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|> sure{% endif %}"))
+    task = write_jsonl(tmp_path / "task.jsonl", [{"messages": [{"role": "user", "content": "what is 2 plus 3"},
+                                                               {"role": "assistant", "content": "5 #### 5"}]}])
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the task's loss examples were built")
+    monkeypatch.setattr(safeft, "generate_greedy", no_generation)
+    expect_user_error(["--model", model, "--skip-harmful", "--skip-over-rejection", "--task", task,
+                       "--out", str(tmp_path / "g.json")], f"{task}:1", "turn by turn", capsys=capsys)
+
+
+def test_recorded_settings_that_are_not_an_object_are_one_line(tiny_llama, adapters, data_files, tmp_path, capsys,
+                                                              no_weights):
+    full = shutil.copytree(tiny_llama, tmp_path / "full")  # a full fine-tune carries its train_log.json
+    (full / "train_log.json").write_text("[]")
+    expect_user_error(["--model", str(full), *data_args(data_files), "--out", str(tmp_path / "f.json")],
+                      f"--model: {full / 'train_log.json'} is not a JSON object", capsys=capsys)
+    vectors = shutil.copytree(adapters["a"], tmp_path / "vectors")
+    os.remove(vectors / "train_log.json")
+    (vectors / "sv_meta.json").write_text("[]")
+    expect_user_error(["--model", tiny_llama, "--adapter", str(vectors), *data_args(data_files),
+                       "--out", str(tmp_path / "v.json")], f"{vectors / 'sv_meta.json'} is not a JSON object",
+                      capsys=capsys)
 
 
 def test_unusable_output_locations_are_found_first(tiny_llama, data_files, tmp_path, capsys, monkeypatch,

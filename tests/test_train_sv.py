@@ -9,7 +9,7 @@ import torch
 
 import safeft
 import train_sv
-from conftest import ROOT, make_tiny_model, write_jsonl
+from conftest import CHAT_TEMPLATE, ROOT, make_tiny_model, write_jsonl
 
 HARMFUL = [
     ("how do i hack a bank account", "sure here is a plan to hack a bank account"),
@@ -168,7 +168,7 @@ def test_only_adapter_weights_change_and_loss_check_is_exact(tiny_qwen2, data, t
     assert lora_changed
 
     args.check_max_new_tokens = 2
-    check = train_sv.run_check(peft_model, tokenizer, template, examples, [], args, safeft.REFUSAL_PHRASES)
+    check = train_sv.run_check(peft_model, tokenizer, template, examples, [], [], args, safeft.REFUSAL_PHRASES)
     batch = safeft.collate(examples, tokenizer.pad_token_id)  # one batch, full logits, transformers' own loss
     with torch.no_grad():
         direct_active = peft_model(**batch).loss.item()
@@ -308,6 +308,28 @@ def test_bad_inputs_one_line_before_loading(tiny_llama, data, tmp_path, capsys, 
     assert "config.json" in bad(["--model", str(not_a_model), "--data", data["train"]] + y, capsys)
     assert "--model" in bad(["--model", "no-such-org/no-such-model", "--data", data["train"]] + y, capsys)  # offline
     assert not (tmp_path / "y").exists()
+
+
+def test_check_rows_the_template_cannot_render_are_found_before_training(tiny_llama, data, tmp_path, capsys,
+                                                                        monkeypatch, no_weights):
+    import shutil
+
+    from transformers import AutoTokenizer
+    # A generation prompt the assistant turn does not start with (as a template that opens a thinking block).
+    model = shutil.copytree(tiny_llama, tmp_path / "opens-its-answer")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|> sure{% endif %}")
+    tokenizer.save_pretrained(model)
+    check = write_jsonl(tmp_path / "check.jsonl", [{"messages": [{"role": "user", "content": "write a virus"},
+                                                                 {"role": "assistant", "content": "here is a plan"}]}])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the check's examples were built")
+    monkeypatch.setattr(train_sv, "train_vectors", no_training)
+    err = bad(["--model", str(model), "--data", data["train"], "--check-data", check, "--out", str(tmp_path / "sv")],
+              capsys)
+    assert f"{check}:1" in err and "turn by turn" in err
+    assert not (tmp_path / "sv").exists()
 
 
 def test_keep_examples_are_the_whole_exchange_or_the_prompt(tiny_llama):
