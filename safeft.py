@@ -546,7 +546,7 @@ def _pick_field(keys, wanted, candidates, path, what):
     """The field to read: the one asked for, else the first candidate present (exact name first, then any case)."""
     if wanted:
         if wanted not in keys:
-            raise UserError(f"{path}: no field '{wanted}' (fields: {', '.join(map(str, keys))})")
+            raise UserError(f"--{what}-field: {path} has no field '{wanted}' (fields: {', '.join(map(str, keys))})")
         return wanted
     lowered = {str(k).lower(): k for k in keys}
     found = next((n for n in candidates if n in keys), None) or next(

@@ -147,7 +147,7 @@ def test_field_overrides(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"q": "question text", "a": "answer text", "prompt": "not this"}])
     row = read(path, prompt_field="q", response_field="a", need_response=True)[0]
     assert (row["prompt"], row["response"]) == ("question text", "answer text")
-    with pytest.raises(safeft.UserError, match="no field 'zzz'"):
+    with pytest.raises(safeft.UserError, match="^--prompt-field: .*d.jsonl has no field 'zzz'"):
         read(path, prompt_field="zzz")
 
 
@@ -316,7 +316,7 @@ def test_label_field_override_and_files_without_labels(tmp_path):
     with pytest.raises(safeft.UserError, match=r"d.jsonl:1: label 'x' in column 'label' is not one of"):
         read(path, label="unsafe")
     assert [r["label"] for r in read(path)] == [None, None]  # unknown values are no error unless selecting
-    with pytest.raises(safeft.UserError, match="no field 'kind'"):
+    with pytest.raises(safeft.UserError, match="^--label-field: .*d.jsonl has no field 'kind'"):
         read(path, label_field="kind")
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
     rows = read(plain, label="safe")  # no label column: the file is used whole, as before
