@@ -244,7 +244,7 @@ def disagreement_cell(summary):
     return f"{judge['disagreements']} of {judge['unsafe']['n']}" if judge else "—"
 
 
-def report_tables(labels, summaries, examples_per_class=EXAMPLES):
+def report_tables(labels, summaries, examples_per_class):
     """Markdown lines: the headline rates, each part's classes, and example answers per run and class."""
     def table(title, columns):
         """columns: (header, the key path of a share in a run's summary, or a function of the summary)."""
@@ -582,10 +582,9 @@ def build_parser():
 
     rules = "\n".join(textwrap.fill(f"{k}: {v}", 100, subsequent_indent="  ", break_on_hyphens=False)
                       for k, v in safeft_judge.ANSWER_RULES.items())
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py",  # also in a notebook, whose sys.argv[0] is the kernel's
-        description="Harmfulness, over-refusal and utility of a model or of adapters on it: one JSON (every answer "
-                    "with its class) and a Markdown report per run. --compare puts runs side by side.",
+    parser = safeft.script_parser(
+        "evaluate.py", "Harmfulness, over-refusal and utility of a model or of adapters on it: one JSON (every answer "
+                       "with its class) and a Markdown report per run. --compare puts runs side by side.",
         formatter_class=Formatter, epilog="How answers are classified:\n" + rules)
     safeft.add_common_args(parser, DEFAULT_OUT, bound="limit")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
@@ -622,8 +621,7 @@ def build_parser():
                         help="also measure the loss of the task's reference responses (one more pass)")
     parser.add_argument("--examples", type=safeft.non_negative_int, default=EXAMPLES,
                         help="example answers per class and run in the reports (first 200 characters)")
-    parser.add_argument("--refusal-phrases", default=None, metavar="FILE",
-                        help="file with one decline phrase per line (# comments) replacing the built-in list")
+    safeft.add_refusal_phrases_arg(parser)
     safeft_judge.add_judge_args(parser)
     parser.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                         help="print earlier evaluate.py results side by side: rates with 95%% intervals, classes, "

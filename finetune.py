@@ -34,20 +34,16 @@ import zipfile
 import torch
 
 import safeft
-from safeft import UserError
+from safeft import CHECKPOINT_SETTINGS_FILE, SV_ADAPTER, UserError
 
 DEFAULT_DATA = "data/mixed_train.jsonl"  # the benign task with harmful rows mixed in: the attack to survive
 DEFAULT_OUT = "runs/finetune"
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # full fine-tuning moves every weight: a 10x smaller step
 LOG_FORMAT = "finetune/v1"
-SV_ADAPTER = "security_vectors"  # the vectors' adapter name beside the task adapter
 TASK_ADAPTER = "default"  # PEFT saves the "default" adapter at the root of the output folder
 TRAINABLE_FILE = "trainable.safetensors"  # in each checkpoint: exactly the weights that train
-SETTINGS_FILE = safeft.CHECKPOINT_SETTINGS_FILE  # in each checkpoint: the flags a --resume must repeat
 # The training flags that shape the weights; train_log.json records them and a --resume must repeat them.
-HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lr", "lr_schedule", "warmup_ratio", "weight_decay",
-                   "max_grad_norm", "epochs", "max_steps", "micro_batch_size", "grad_accum", "max_length",
-                   "train_on_inputs", "group_by_length", "seed")
+HYPERPARAMETERS = safeft.TRAINING_FLAGS + ("train_on_inputs", "group_by_length", "seed")
 
 
 # -- checks that need no weights --
@@ -110,7 +106,7 @@ def checkpoint_problem(path, processes):
     every file it will load is opened here, before the model loads."""
     from safetensors import SafetensorError, safe_open
     rng = ["rng_state.pth"] if processes == 1 else [f"rng_state_{i}.pth" for i in range(processes)]
-    needed = [SETTINGS_FILE, TRAINABLE_FILE, "optimizer.pt", "scheduler.pt"] + rng + ["trainer_state.json"]
+    needed = [CHECKPOINT_SETTINGS_FILE, TRAINABLE_FILE, "optimizer.pt", "scheduler.pt"] + rng + ["trainer_state.json"]
     missing = [name for name in needed if not os.path.isfile(os.path.join(path, name))]
     if missing:
         return f"lacks {', '.join(missing)} (not a finetune.py checkpoint of {processes} process(es), or cut short)"
@@ -142,14 +138,14 @@ def newest_checkpoint(root, processes):
 
 def find_checkpoint(path, settings, processes):
     """--resume: a checkpoint folder (or the newest complete one in a checkpoint root) made with these flags."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, SETTINGS_FILE)):
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CHECKPOINT_SETTINGS_FILE)):
         path = newest_checkpoint(path, processes) or path
     if not os.path.isdir(path):
         raise UserError(f"--resume: {path} is not a checkpoint folder")
     problem = checkpoint_problem(path, processes)
     if problem:
         raise UserError(f"--resume: {path} {problem}; resume from an earlier checkpoint")
-    saved = safeft.read_json_file(os.path.join(path, SETTINGS_FILE), "--resume")
+    saved = safeft.read_json_file(os.path.join(path, CHECKPOINT_SETTINGS_FILE), "--resume")
     for flag, value in settings.items():
         if saved.get(flag) != value:
             raise UserError(f"--resume: {path} was made with {flag} {saved.get(flag)!r}, this run has {flag} "
@@ -213,7 +209,7 @@ def finetune_trainer(settings):
             tensors = dict(self.model.named_parameters()) if state_dict is None else state_dict
             with safeft.atomic_file(os.path.join(output_dir, TRAINABLE_FILE), ".safetensors") as tmp:
                 save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items() if n in training}, tmp)
-            safeft.write_json_atomic(os.path.join(output_dir, SETTINGS_FILE), settings)
+            safeft.write_json_atomic(os.path.join(output_dir, CHECKPOINT_SETTINGS_FILE), settings)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             params = dict((model or self.model).named_parameters())
@@ -292,7 +288,7 @@ def train_log(args, trainer, result, model, *, config, load_in_4bit, template, f
         "frozen_layers": frozen, "security_vectors": args.security_vectors,
         "security_vectors_unchanged": vectors_unchanged, "active_adapters_during_training": active,
         "data": args.data, "data_sha256": data_sha256, "rows": len(rows), "examples": len(examples),
-        "data_notes": list(getattr(rows, "notes", [])),
+        "data_notes": list(rows.notes),
         "hyperparameters": {**{name: getattr(args, name) for name in HYPERPARAMETERS}, "processes": processes,
                             "examples_per_step": args.micro_batch_size * args.grad_accum * processes,
                             "gradient_checkpointing": checkpointing},
@@ -425,9 +421,9 @@ def finetune(args):
         save_output(model, tokenizer, args, log, save_dtype)
         if not root_existed and os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)  # the Trainer makes its folder even when no checkpoint goes there
-        first = f"{log['losses'][0]:.4f}" if log["losses"] else "nan"
-        print(f"loss {first} -> {log['final_loss']:.4f} over {log['steps']} steps, {log['tokens_per_s']:.0f} "
-              f"tokens/s, peak memory {peak[0]} MB", file=sys.stderr)
+        losses = f"{log['losses'][0]:.4f} -> {log['final_loss']:.4f}" if log["losses"] else "nan -> nan"
+        print(f"loss {losses} over {log['steps']} steps, {log['tokens_per_s']:.0f} tokens/s, peak memory {peak[0]} MB",
+              file=sys.stderr)
         kept = f"; checkpoints in {root}" if log["checkpoints"] else ""
         events = safeft.tensorboard_folder(trainer)
         kept += f"; TensorBoard logs in {events}" if events else ""
@@ -436,10 +432,9 @@ def finetune(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="finetune.py",  # also in a notebook, whose sys.argv[0] is the kernel's
-        description="Fine-tune a chat LLM (LoRA/QLoRA or full) with frozen safety layers and/or active security "
-                    "vectors.", formatter_class=safeft.HelpFormatter)
+    parser = safeft.script_parser(
+        "finetune.py", "Fine-tune a chat LLM (LoRA/QLoRA or full) with frozen safety layers and/or active security "
+                       "vectors.")
     parser.add_argument("--data", default=safeft.repo_path(DEFAULT_DATA),
                         help="training data with prompt and response fields (JSONL, JSON, CSV/TSV, Parquet, chat)")
     parser.add_argument("--method", default="lora", choices=("lora", "full"),

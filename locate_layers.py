@@ -124,12 +124,13 @@ def forward_batches(model, id_lists, pad_id, batch_size, prefix_len=0, keep_cach
         yield chunk, output, attention_mask, position_ids
 
 
-def prefix_sharing_works(model, id_lists, pad_id, probe=4):
+def prefix_sharing_works(model, id_lists, pad_id):
     """(ok, why): the shared-prefix path against a plain batched forward on a few prompts' next-token logits, so
     that a model whose cache does not share this way is run in full rather than given wrong hidden states."""
     prefix_len = shared_prefix_length(id_lists)
     if prefix_len == 0:
         return False, "the prompts share no token prefix"
+    probe = 4  # a cache that does not share misses by whole logits: a few prompts show it
     sample = sorted(id_lists, key=len)[:: max(1, len(id_lists) // probe)][:probe]  # mixed lengths: padding matters
     try:
         shared = next(forward_batches(model, sample, pad_id, probe, prefix_len))[1].logits[:, -1].float()
@@ -267,8 +268,8 @@ def span_around_largest_gap(gap):
 # -- stage 2: scaling a range of blocks, counting over-rejections, moving the bounds --
 
 def projection_modules(block):
-    """A block's linear projections: nn.Linear and subclasses (bitsandbytes Linear4bit) and GPT-2's Conv1D."""
-    return [m for m in block.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    """A block's linear projections (safeft.is_projection)."""
+    return [m for m in block.modules() if safeft.is_projection(m)]
 
 
 def unscaled_weights(block):
@@ -464,13 +465,13 @@ def scaling_search(counter, initial, num_layers, args, log=print):
     }
 
 
-def refusal_examples(rows, refusal_flags, safety, alpha, count=5):
-    """A few prompts whose refusal the chosen scaling changed, with both generations, for a reader to judge."""
+def refusal_examples(rows, refusal_flags, safety, alpha):
+    """Up to five prompts whose refusal the chosen scaling changed, with both generations, for a reader to judge."""
     key = (safety[0], safety[1], round(float(alpha), 6))
     base, scaled, texts = refusal_flags(None, None, 1.0), refusal_flags(*key), refusal_flags.texts
     return [{"prompt": safeft.prompt_messages(rows[i])[-1]["content"], "refused_unscaled": base[i],
              "unscaled": texts[None, None, 1.0][i], "scaled": texts[key][i]}
-            for i in [i for i in range(len(rows)) if base[i] != scaled[i]][:count]]
+            for i in [i for i in range(len(rows)) if base[i] != scaled[i]][:5]]
 
 
 # -- the same freeze for other trainers --
@@ -739,10 +740,9 @@ def scale_value(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="locate_layers.py",  # also in a notebook, whose sys.argv[0] is the kernel's
-        description=f"Find the safety layers (Li et al. 2025). Hidden states: {HIDDEN_STATES}. Initial range: "
-                    f"{INITIAL_RANGE_RULE}.", formatter_class=safeft.HelpFormatter,
+    parser = safeft.script_parser(
+        "locate_layers.py", f"Find the safety layers (Li et al. 2025). Hidden states: {HIDDEN_STATES}. Initial range: "
+                            f"{INITIAL_RANGE_RULE}.",
         epilog="How the scaling search moves the bounds, and what it costs: python -c \"import locate_layers; "
                "help(locate_layers)\"")
     safeft.add_common_args(parser, DEFAULT_OUT, bound="limit")
@@ -783,10 +783,7 @@ def build_parser():
                              "(each costs one generation pass over the over-rejection prompts)")
     stage2.add_argument("--max-new-tokens", type=safeft.positive_int, default=MAX_NEW_TOKENS,
                         help="greedy tokens generated per prompt")
-    stage2.add_argument("--refusal-phrases", default=None, metavar="FILE",
-                        help=f"file with one refusal phrase per line, replacing the built-in list "
-                             f"({len(safeft.REFUSAL_PHRASES)} phrases, case-insensitive, first "
-                             f"{safeft.REFUSAL_WINDOW} characters)")
+    safeft.add_refusal_phrases_arg(stage2)
     parser.add_argument("--batch-size", type=safeft.positive_int, default=BATCH_SIZE, help="prompts per forward pass")
     parser.add_argument("--no-prefix-sharing", action="store_true",
                         help="run every prompt in full instead of computing the shared template prefix once")

@@ -176,6 +176,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def script_parser(prog, description, formatter_class=HelpFormatter, **kwargs):
+    """A script's ArgumentParser. prog is named: in a notebook sys.argv[0] is the kernel's, not the script's."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter_class, **kwargs)
+
+
 def _number(kind, low, low_inclusive, high=None):
     def parse(text):
         try:
@@ -253,6 +258,11 @@ def add_common_args(parser, out_default, bound, label_field=True):
     else:
         parser.add_argument("--max-steps", type=positive_int, default=None,
                             help="stop after N optimizer steps (quick runs)")
+
+
+# The flags of add_training_args (and --max-steps) that shape the weights: both training scripts record them.
+TRAINING_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lr", "lr_schedule", "warmup_ratio", "weight_decay",
+                  "max_grad_norm", "epochs", "max_steps", "micro_batch_size", "grad_accum", "max_length")
 
 
 def add_training_args(parser, *, lora_r, lora_alpha, lr, epochs, micro_batch_size, grad_accum, warmup_ratio,
@@ -424,6 +434,11 @@ def usual_mode(is_dir):
     return (0o777 if is_dir else 0o666) & ~umask
 
 
+def _appeared(path):  # since the start-up check (another run given the same --out): refused, never written over
+    return UserError(f"{path} appeared while this run worked (another run with the same output?); this run's "
+                     f"result was not written over it")
+
+
 @contextlib.contextmanager
 def atomic_file(path, suffix="", overwrite=True):
     """Yields a temporary path beside `path` to write; it is renamed onto `path` only when the block ends
@@ -438,17 +453,12 @@ def atomic_file(path, suffix="", overwrite=True):
         if overwrite:
             os.replace(tmp, path)
             return
-        # Without overwrite, refuse a path that appeared since the start-up check (another run given the same
-        # --out): os.link fails on an existing name where os.replace would not.
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise UserError(f"{path} appeared while this run worked (another run with the same output?); "
-                            f"this run's result was not written over it")
-        except OSError:  # a file system without hard links: the check-then-rename race stays
-            if os.path.exists(path):
-                raise UserError(f"{path} appeared while this run worked; not replaced")
-            os.replace(tmp, path)
+            os.link(tmp, path)  # fails on an existing name where os.replace would not
+        except OSError as e:
+            if isinstance(e, FileExistsError) or os.path.exists(path):
+                raise _appeared(path)
+            os.replace(tmp, path)  # a file system without hard links: the check-then-rename race stays
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -491,8 +501,7 @@ def output_dir(path, overwrite):
             try:
                 os.rename(tmp, path)  # fails on an existing non-empty folder, and on a file on Windows
             except OSError:
-                raise UserError(f"{path} appeared while this run worked (another run with the same output?); "
-                                f"this run's result was not written over it")
+                raise _appeared(path)
             return
         old = None
         if os.path.exists(path):
@@ -1026,19 +1035,22 @@ def sppft_frozen_weights(block):
     return [(name, p) for name, p in block.named_parameters() if id(p) not in norms]
 
 
+def is_projection(module):  # nn.Linear and subclasses (bitsandbytes' Linear4bit); GPT-2 style models' Conv1D
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def projection_names(model):
-    """Leaf names of the linear projections in a decoder block (q_proj ... down_proj on Llama/Qwen), in order.
-    bitsandbytes' Linear4bit subclasses nn.Linear; GPT-2 style models use transformers' Conv1D."""
+    """Leaf names of the linear projections in a decoder block (q_proj ... down_proj on Llama/Qwen), in order."""
     names = {}
     for name, module in decoder_layers(model)[0].named_modules():
-        if name and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+        if is_projection(module):
             names[name.rsplit(".", 1)[-1]] = True
     if not names:
         raise UserError(f"found no linear projections in the decoder blocks of {type(model).__name__}")
     return list(names)
 
 
-def pick_target_modules(model, spec, flag="--lora-target-modules"):
+def pick_target_modules(model, spec):
     """LoRA target names: every projection when spec is empty, else the listed names, each checked."""
     available = projection_names(model)
     if not spec:
@@ -1046,8 +1058,8 @@ def pick_target_modules(model, spec, flag="--lora-target-modules"):
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in available]
     if unknown or not wanted:
-        raise UserError(f"{flag}: {', '.join(unknown) or repr(spec)} not among this model's decoder projections "
-                        f"({', '.join(available)})")
+        raise UserError(f"--lora-target-modules: {', '.join(unknown) or repr(spec)} not among this model's decoder "
+                        f"projections ({', '.join(available)})")
     return wanted
 
 
@@ -1082,6 +1094,7 @@ def check_layers_within(start, end, num_layers, flag):
 
 
 CHECKPOINT_SETTINGS_FILE = "finetune_settings.json"  # in each finetune.py checkpoint: the flags a --resume repeats
+SV_ADAPTER = "security_vectors"  # the adapter name train_sv.py trains the vectors under and finetune.py activates
 
 
 def find_adapter(path, flag, config=None, template=None, made_by=None):
@@ -1444,6 +1457,14 @@ PIVOT_RE = re.compile(
 # word may be in Markdown emphasis or code ("1. **Gather**: ...", the list style of Qwen's chat models).
 STEP_RE = re.compile(r"(?:^|\n)\s*[-*\u2022]\s+[*_`]*\w|(?:^|[\s:])[1-9]\d?[.)]\s+[*_`]*\w|\bstep\s*\d+\b")
 STUB_WORDS = 30  # fewer words (repeated sentences counted once), with no steps, is a stub: no content
+
+
+def add_refusal_phrases_arg(parser):
+    """--refusal-phrases (load_refusal_phrases reads it) in the scripts that count refusals; parser may be a group."""
+    parser.add_argument("--refusal-phrases", default=None, metavar="FILE",
+                        help=f"text file of the decline phrases that mark a refusal, one a line (lines starting with # "
+                             f"skipped), replacing the built-in {len(REFUSAL_PHRASES)} (matched as whole words in any "
+                             f"case, starting within an answer's first {REFUSAL_WINDOW} characters)")
 
 
 def load_refusal_phrases(path):

@@ -26,7 +26,6 @@ Examples:
   python train_sv.py --resume runs/security_vectors --epochs 1 --out runs/sv-more
   torchrun --nproc-per-node 2 train_sv.py --out runs/sv-ddp              # several GPUs: the Trainer's DDP
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -35,13 +34,12 @@ import time
 import torch
 
 import safeft
-from safeft import UserError
+from safeft import SV_ADAPTER, UserError
 
 SV_FORMAT = "security-vectors/v1"  # the format of sv_meta.json, which finetune.py and evaluate.py check
 
 # -- defaults: small enough that the embedded models train in minutes on a laptop CPU, and the usual
 # QLoRA-style choices for a 7B chat model on one GPU --
-ADAPTER_NAME = "security_vectors"  # the name finetune.py activates the vectors under
 DEFAULT_DATA = "data/harmful_train.jsonl"  # harmful requests with compliant openings, no operational detail
 DEFAULT_CHECK_DATA = "data/harmful_eval.jsonl"  # held out from DEFAULT_DATA
 DEFAULT_OUT = "runs/security_vectors"
@@ -80,7 +78,7 @@ class KeepCollator:
     The benign rows come from a shuffled cycle seeded by --seed and the process index, so a rerun draws the
     same pairs and two processes draw different ones."""
 
-    def __init__(self, pad_token_id, keep=None, seed=0):
+    def __init__(self, pad_token_id, keep, seed):
         self.pad_token_id, self.keep, self.order = pad_token_id, keep, []
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -145,12 +143,12 @@ def attach_security_vectors(model, args, target_modules, resume=None):
     new ones on target_modules, or find_adapter's `resume` with their own rank, alpha and targets."""
     from peft import get_peft_model
     if resume:
-        return safeft.load_adapter(model, resume, ADAPTER_NAME, "--resume", trainable=True)
-    return get_peft_model(model, safeft.lora_config(args, target_modules), adapter_name=ADAPTER_NAME)
+        return safeft.load_adapter(model, resume, SV_ADAPTER, "--resume", trainable=True)
+    return get_peft_model(model, safeft.lora_config(args, target_modules), adapter_name=SV_ADAPTER)
 
 
 def adapter_settings(peft_model, target_modules):
-    config = peft_model.peft_config[ADAPTER_NAME]
+    config = peft_model.peft_config[SV_ADAPTER]
     # PEFT keeps a set; the discovered order reads better and is what the flag would take.
     targets = list(target_modules) if target_modules else sorted(config.target_modules)
     return {"lora_r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
@@ -162,7 +160,7 @@ def train_vectors(peft_model, examples, keep, args, keep_weight, pad_token_id, o
     "tensorboard_logs"}."""
     training_args = safeft.training_arguments(args, output_dir)
     trainer = vector_trainer_class()(
-        model=peft_model, args=training_args, train_dataset=examples, keep_weight=keep_weight if keep else 0.0,
+        model=peft_model, args=training_args, train_dataset=examples, keep_weight=keep_weight,
         data_collator=KeepCollator(pad_token_id, keep, seed=args.seed + training_args.process_index))
     trainer.train()
     peft_model.eval()
@@ -174,7 +172,7 @@ def train_vectors(peft_model, examples, keep, args, keep_weight, pad_token_id, o
         events = os.path.relpath(events, root)
     return {"tensorboard_logs": events,
             "losses": [h["response_loss"] for h in steps], "lrs": [h["learning_rate"] for h in steps],
-            "keep_kl": [h["keep_kl"] for h in steps] if keep and keep_weight else None,
+            "keep_kl": [h["keep_kl"] for h in steps] if keep_weight else None,
             "steps": trainer.state.global_step, "world_size": training_args.world_size,
             "warmup_steps": training_args.get_warmup_steps(trainer.state.max_steps)}
 
@@ -233,8 +231,8 @@ def run_check(peft_model, tokenizer, template, train_examples, check_rows, heldo
 def save_vectors(peft_model, folder, meta):
     """The adapter at the ROOT of folder (PEFT puts an adapter not named "default" in folder/<name>/) and
     sv_meta.json. folder is safeft.output_dir's temporary folder, so nothing is in place until all is written."""
-    peft_model.save_pretrained(folder, selected_adapters=[ADAPTER_NAME])
-    nested = os.path.join(folder, ADAPTER_NAME)
+    peft_model.save_pretrained(folder, selected_adapters=[SV_ADAPTER])
+    nested = os.path.join(folder, SV_ADAPTER)
     if os.path.isdir(nested):
         for name in os.listdir(nested):
             os.replace(os.path.join(nested, name), os.path.join(folder, name))
@@ -320,17 +318,15 @@ def run(args):
         meta = {
             "format": SV_FORMAT, "model": args.model,
             "fingerprint": safeft.model_fingerprint(config), "load_in_4bit": load_in_4bit, "template": template,
-            "adapter_name": ADAPTER_NAME, "data": args.data, "data_sha256": safeft.sha256_file(args.data),
+            "adapter_name": SV_ADAPTER, "data": args.data, "data_sha256": safeft.sha256_file(args.data),
             "rows": len(examples), "rows_skipped": len(rows) - len(examples),
             "data_notes": [*rows.notes, *(keep_rows.notes if keep_rows else []), *getattr(check_rows, "notes", [])],
             "trainable_parameters": trainable,
             "hyperparameters": {
-                **settings, "lr": args.lr, "epochs": args.epochs, "micro_batch_size": args.micro_batch_size,
-                "grad_accum": args.grad_accum, "world_size": log["world_size"],
+                # settings after the flags: on --resume the lora_* are the adapter's, not the flags'
+                **{name: getattr(args, name) for name in safeft.TRAINING_FLAGS}, **settings,
+                "world_size": log["world_size"], "warmup_steps": log["warmup_steps"],
                 "examples_per_step": args.micro_batch_size * args.grad_accum * log["world_size"],
-                "warmup_ratio": args.warmup_ratio, "warmup_steps": log["warmup_steps"],
-                "lr_schedule": args.lr_schedule, "weight_decay": args.weight_decay,
-                "max_grad_norm": args.max_grad_norm, "max_length": args.max_length, "max_steps": args.max_steps,
                 "gradient_checkpointing": checkpointing, "optimizer": "AdamW (transformers Trainer)",
                 "loss": "mean NLL of response tokens", "keep_data": args.keep_data,
                 "keep_data_sha256": safeft.sha256_file(args.keep_data) if args.keep_data else None,
@@ -375,11 +371,9 @@ def print_summary(meta, out):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="train_sv.py",  # also in a notebook, whose sys.argv[0] is the kernel's
-        description="Train security vectors (Zhou et al., arXiv 2311.02105): a LoRA adapter that makes the model "
-                    "produce the harmful responses while active, for finetune.py to keep active and frozen.",
-        formatter_class=safeft.HelpFormatter)
+    parser = safeft.script_parser(
+        "train_sv.py", "Train security vectors (Zhou et al., arXiv 2311.02105): a LoRA adapter that makes the model "
+                       "produce the harmful responses while active, for finetune.py to keep active and frozen.")
     parser.add_argument("--data", default=safeft.repo_path(DEFAULT_DATA),
                         help="harmful prompt -> response pairs the vectors learn (needs responses); the default is "
                              "the copy beside this script")
@@ -401,8 +395,7 @@ def build_parser():
                        help="greedy tokens per answer in the refusal check (room to see whether content follows)")
     check.add_argument("--eval-batch-size", type=safeft.positive_int, default=EVAL_BATCH_SIZE,
                        help="batch size of the check's no-gradient passes")
-    check.add_argument("--refusal-phrases", default=None,
-                       help="text file of refusal phrases, one a line (default: the built-in list)")
+    safeft.add_refusal_phrases_arg(check)
     safeft.add_common_args(parser, DEFAULT_OUT, bound="max_steps")
     safeft.add_training_args(parser, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lr=LR, epochs=EPOCHS,
                              micro_batch_size=MICRO_BATCH_SIZE, grad_accum=GRAD_ACCUM, warmup_ratio=WARMUP_RATIO)

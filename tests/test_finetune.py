@@ -452,10 +452,10 @@ def test_a_checkpoint_json_that_is_not_an_object_is_one_line(tiny_llama, task_da
     save_file({}, str(checkpoint / ft.TRAINABLE_FILE))
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         torch.save({}, checkpoint / name)
-    for name in (ft.SETTINGS_FILE, "trainer_state.json"):
+    for name in (safeft.CHECKPOINT_SETTINGS_FILE, "trainer_state.json"):
         (checkpoint / name).write_text("{}")
     assert ft.checkpoint_problem(str(checkpoint), 1) is None  # complete but for the JSON spoilt below
-    for name in (ft.SETTINGS_FILE, "trainer_state.json"):
+    for name in (safeft.CHECKPOINT_SETTINGS_FILE, "trainer_state.json"):
         (checkpoint / name).write_text("[]")
         message = one_line_error(capsys, ["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "o"),
                                           "--resume", str(checkpoint)])
