@@ -281,16 +281,18 @@ def main(argv=None):
     for flag, value, default in (("--shares", args.shares, size["sweep"]["shares"]),
                                  ("--epochs", args.epochs, size["sweep"]["epochs"]), ("--seeds", args.seeds, [0]),
                                  ("--full-shares", args.full_shares, None)):
-        try:
-            grid[flag] = default if value is None else [int(v) for v in value.split(",") if v or "full" not in flag]
+        try:  # each value once, in the order given; '' is no full fine-tuning at all
+            grid[flag] = default if value is None else [] if "full" in flag and not value.strip() else \
+                list(dict.fromkeys(int(v) for v in value.split(",")))
         except ValueError:
             parser.error(f"{flag}: expected comma-separated whole numbers, got {value!r}")
         if value is not None and args.sweep == (flag == "--seeds"):
             parser.error(f"{flag}: {value!r} is not usable {'with' if args.sweep else 'without'} --sweep")
         if min(grid[flag] or [1]) < (low := 1 if flag == "--epochs" else 0):
             parser.error(f"{flag}: every value must be at least {low}, got {value!r}")
-        if flag in ("--shares", "--full-shares") and max(grid[flag] or [0]) > 100:
-            parser.error(f"{flag}: a share is at most 100 (%)")
+        high = {"--seeds": 2 ** 32 - 1, "--shares": 100, "--full-shares": 100}.get(flag)  # a seed numpy takes; a %
+        if high is not None and max(grid[flag] or [0]) > high:
+            parser.error(f"{flag}: every value must be at most {high}, got {value!r}")
     args.model = args.model or size["model"]
     out = os.path.abspath(args.out or os.path.join("runs", "demo" if args.size == "cpu" else f"demo-{args.size}"))
     try:  # a file there, or a folder nobody may write in: one line now, not a traceback at the first step

@@ -245,7 +245,8 @@ def test_the_cpu_grid_runs_full_fine_tuning_only_on_its_chosen_columns():
 def test_bad_sweep_flags_are_one_line_before_any_work(tmp_path):
     for flags in (["--sweep", "--shares", "0,x"], ["--shares", "10"], ["--sweep", "--epochs", "0"],
                   ["--sweep", "--shares", "150"], ["--seeds", "1,x"], ["--seeds", "-1"], ["--sweep", "--seeds", "1"],
-                  ["--full-shares", "0"], ["--sweep", "--full-shares", "101"], ["--sweep", "--full-shares", "x"]):
+                  ["--full-shares", "0"], ["--sweep", "--full-shares", "101"], ["--sweep", "--full-shares", "x"],
+                  ["--sweep", "--full-shares", "0,,25"], ["--seeds", str(2 ** 32)]):
         result = run_demo("--quick", *flags, "--out", str(tmp_path / "run"))
         assert result.returncode == 2 and flags[-2] in result.stderr, flags
         assert not (tmp_path / "run").exists()
