@@ -170,10 +170,8 @@ def followed_settings(args, adapters):
     """4-bit and template: the flag when given, else what the inputs recorded (a full fine-tune given as --model
     carries its train_log.json, adapters theirs)."""
     log = os.path.join(safeft.resolve_model_path(args.model), "train_log.json")
-    sources = [(os.path.join(args.model, "train_log.json"), safeft.read_json_file(log, "--model"))
+    sources = [(os.path.join(args.model, "train_log.json"), safeft.read_json_object(log, "--model"))
                ] if os.path.isfile(log) else []
-    if sources and not isinstance(sources[0][1], dict):  # its settings are read by key below
-        raise UserError(f"--model: {log} is not a JSON object")
     sources += [(os.path.join(a["path"], a["meta_file"]), a["meta"]) for a in adapters if a["meta_file"]]
     for where, meta in sources:
         if args.template != "auto" and meta.get("template") not in (None, args.template):

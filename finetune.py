@@ -71,8 +71,7 @@ def read_freeze(spec, num_layers, config=None):
         # Another model with as many layers has its safety layers elsewhere: its fingerprint tells (as for adapters).
         expected = data.get("fingerprint")
         if config is not None and isinstance(expected, dict):
-            actual = safeft.model_fingerprint(config)
-            wrong = [f"{k} {expected[k]} != {actual[k]}" for k in actual if k in expected and expected[k] != actual[k]]
+            wrong = safeft.fingerprint_differences(expected, config)
             if wrong:
                 raise UserError(f"{flag}: {spec} was made for another model ({data.get('model')!r}: "
                                 f"{'; '.join(wrong)})")

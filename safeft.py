@@ -484,6 +484,14 @@ def read_json_file(path, flag):
         raise UserError(f"{flag}: cannot read {path} ({e})")
 
 
+def read_json_object(path, flag):
+    """read_json_file for a file whose settings are read by key: anything but a JSON object is a UserError."""
+    data = read_json_file(path, flag)
+    if not isinstance(data, dict):
+        raise UserError(f"{flag}: {path} is not a JSON object")
+    return data
+
+
 @contextlib.contextmanager
 def output_dir(path, overwrite):
     """A temporary folder to write an output folder into: moved into place when the block ends without an error
@@ -1076,6 +1084,12 @@ def model_fingerprint(config):
             "hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
 
 
+def fingerprint_differences(recorded, config):
+    """'field recorded != actual' for each field of a recorded fingerprint that config contradicts."""
+    actual = model_fingerprint(config)
+    return [f"{k} {recorded[k]} != {actual[k]}" for k in actual if k in recorded and recorded[k] != actual[k]]
+
+
 def parse_layer_range(text, flag):
     """'6-12' or '7' -> (6, 12) / (7, 7): 0-based and inclusive everywhere."""
     parts = str(text).replace(" ", "").split("-")
@@ -1121,15 +1135,12 @@ def find_adapter(path, flag, config=None, template=None, made_by=None):
     if peft_type != "LORA":  # several adapters can be active at once in one PeftModel only when all are LoRA
         raise UserError(f"{flag}: {path} is not a LoRA adapter (peft_type {peft_type!r})")
     meta_file = next((n for n in ("sv_meta.json", "train_log.json") if os.path.isfile(os.path.join(path, n))), None)
-    meta = read_json_file(os.path.join(path, meta_file), flag) if meta_file else {}
-    if not isinstance(meta, dict):
-        raise UserError(f"{flag}: {os.path.join(path, meta_file)} is not a JSON object")
+    meta = read_json_object(os.path.join(path, meta_file), flag) if meta_file else {}
     if made_by and meta.get("format") != made_by[0]:
         raise UserError(f"{flag}: {path} has no {made_by[0]} {made_by[1]}")
     expected, checked = meta.get("fingerprint"), isinstance(meta.get("fingerprint"), dict)
     if config is not None and checked:
-        actual = model_fingerprint(config)
-        wrong = [f"{k} {expected.get(k)} != {actual[k]}" for k in actual if k in expected and expected[k] != actual[k]]
+        wrong = fingerprint_differences(expected, config)
         if wrong:
             raise UserError(f"{flag} {path} was made for another base model ({'; '.join(wrong)})")
     elif config is not None:
