@@ -38,8 +38,6 @@ from safeft import UserError
 
 EVAL_FORMAT = "eval/v2"  # v2 classifies answers; v1 counted every answer without a refusal phrase as harmful
 DEFAULT_OUT = "runs/eval/<name>.json"
-DEFAULT_DATA = {"harmful": "data/harmful_eval.jsonl", "over_refusal": "data/over_rejection.jsonl",
-                "task": "data/task_test.jsonl"}
 # Each measure's data flag, and the label-column value that picks its rows (XSTest's "label": unsafe / safe).
 PARTS = {"harmful": ("--harmful", "unsafe"), "over_refusal": ("--over-rejection", "safe"), "task": ("--task", None)}
 # 96 new tokens (~70 words) let an answer pass the 30-word stub size and reach its second step, so content
@@ -286,8 +284,7 @@ def markdown_report(result):
              f"template: {s['template']} · new tokens: {s['max_new_tokens']} (task {s['task_max_new_tokens']}) · "
              f"judge: {judge} · seed {s['seed']} · {result['wall_time_s']:.0f} s"]
     lines += report_tables([result["name"]], [summary], s["examples"])
-    if summary["task"]:
-        task = summary["task"]
+    if task := summary["task"]:
         lines += ["", f"Task: {task['no_answer']} of {task['n']} answers without a number, {task['at_budget']} at the "
                       f"budget of {s['task_max_new_tokens']} tokens."]
     lines += ["", "### How answers are classified", ""] + [f"- **{k}**: {v}" for k, v in s["rules"].items()]
@@ -413,8 +410,7 @@ def read_parts(args):
     for row in parts["task"] or []:
         row["reference"] = reference_answer(row)
         if row["reference"] is None:
-            raise UserError(f"{row['where']}: no reference answer (an 'answer' field or a response "
-                            f"with a number)")
+            raise UserError(f"{row['where']}: no reference answer (an 'answer' field or a response with a number)")
     if not any(parts.values()):
         raise UserError("nothing to evaluate: --harmful, --over-rejection and --task are all skipped")
     return parts, data
@@ -555,8 +551,7 @@ def evaluate(args):
                             "sha256": hashlib.sha256("\n".join(phrases).encode()).hexdigest(),
                             "window_chars": safeft.REFUSAL_WINDOW},
         "rules": safeft_judge.ANSWER_RULES,
-        "rules_sha256": hashlib.sha256(json.dumps(safeft_judge.ANSWER_RULES, sort_keys=True).encode()
-                                       ).hexdigest(),
+        "rules_sha256": hashlib.sha256(json.dumps(safeft_judge.ANSWER_RULES, sort_keys=True).encode()).hexdigest(),
         "answer_extraction": "number after the last '####', else the last number; commas, '$', trailing .0 dropped",
         "judge": safeft_judge.judge_settings(judge) if judge else None,
         "notes": notes, "seed": args.seed, "device": str(next(model.parameters()).device),
@@ -593,11 +588,11 @@ def build_parser():
     parser.add_argument("--name", default=None,
                         help="run name in tables and the default --out (default: --out's file name, else the "
                              "adapters' or the model's)")
-    parser.add_argument("--harmful", default=safeft.repo_path(DEFAULT_DATA["harmful"]),
+    parser.add_argument("--harmful", default=safeft.repo_path("data/harmful_eval.jsonl"),
                         help="harmful requests (held out; a label column keeps its unsafe rows); '' skips this part")
-    parser.add_argument("--over-rejection", default=safeft.repo_path(DEFAULT_DATA["over_refusal"]),
+    parser.add_argument("--over-rejection", default=safeft.repo_path("data/over_rejection.jsonl"),
                         help="benign requests that sound dangerous (a label column keeps its safe rows); '' skips")
-    parser.add_argument("--task", default=safeft.repo_path(DEFAULT_DATA["task"]),
+    parser.add_argument("--task", default=safeft.repo_path("data/task_test.jsonl"),
                         help="task test set with checkable answers ('answer' field, or a response ending in '#### N'); "
                              "'' skips. Correct = the number after the last '####' in the answer, else its last "
                              "number, equals the reference (commas, '$' and a trailing .0 ignored)")

@@ -69,9 +69,8 @@ def read_freeze(spec, num_layers, config=None):
             raise UserError(f"{flag}: {spec} was made for a model with {data['num_layers']} layers "
                             f"(model {data.get('model')!r}); this model has {num_layers}")
         # Another model with as many layers has its safety layers elsewhere: its fingerprint tells (as for adapters).
-        expected = data.get("fingerprint")
-        if config is not None and isinstance(expected, dict):
-            wrong = safeft.fingerprint_differences(expected, config)
+        if config is not None and isinstance(data.get("fingerprint"), dict):
+            wrong = safeft.fingerprint_differences(data["fingerprint"], config)
             if wrong:
                 raise UserError(f"{flag}: {spec} was made for another model ({data.get('model')!r}: "
                                 f"{'; '.join(wrong)})")
@@ -355,8 +354,8 @@ def finetune(args):
     vectors = safeft.find_adapter(args.security_vectors, "--security-vectors", config, template) \
         if args.security_vectors else None
     if vectors and vectors["meta"].get("format") == LOG_FORMAT:  # vectors from elsewhere (no sv_meta.json) are fine
-        raise safeft.UserError(f"--security-vectors: {args.security_vectors} is a fine-tune (finetune.py's "
-                               f"train_log.json), not security vectors: give train_sv.py's output")
+        raise UserError(f"--security-vectors: {args.security_vectors} is a fine-tune (finetune.py's "
+                        f"train_log.json), not security vectors: give train_sv.py's output")
     if vectors and vectors["meta"].get("load_in_4bit") not in (None, load_in_4bit):
         made, now = ("4-bit", "16/32-bit") if vectors["meta"]["load_in_4bit"] else ("16/32-bit", "4-bit")
         print(f"warning: --security-vectors {args.security_vectors} were trained on the {made} base and this run "

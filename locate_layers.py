@@ -268,7 +268,6 @@ def span_around_largest_gap(gap):
 # -- stage 2: scaling a range of blocks, counting over-rejections, moving the bounds --
 
 def projection_modules(block):
-    """A block's linear projections (safeft.is_projection)."""
     return [m for m in block.modules() if safeft.is_projection(m)]
 
 
@@ -683,9 +682,8 @@ def locate(args, log=print):
         scaling = {"skipped": True, "alpha": None, "queries": 0, "baseline_refusals": None,
                    "upper_sweep": [], "lower_sweep": []}
     else:
-        rows = sets["over_rejection"]
-        counter = make_refusal_counter(model, tokenizer, rows, template, args.max_new_tokens, args.batch_size,
-                                       phrases, share_prefix)
+        counter = make_refusal_counter(model, tokenizer, sets["over_rejection"], template, args.max_new_tokens,
+                                       args.batch_size, phrases, share_prefix)
         scaling = scaling_search(counter, initial, num_layers, args, log)
         if args.strict and args.scale == "auto" and not scaling["clear"]:
             raise UserError(f"--strict: no scale up to {scaling['alpha']:g} separates the start candidates clearly "
@@ -693,7 +691,7 @@ def locate(args, log=print):
         safety, source = tuple(scaling["result"].values()), f"scaling search at scale {scaling['alpha']:g}"
         scaling.update(max_new_tokens=args.max_new_tokens,
                        refusal_phrases=args.refusal_phrases or f"built-in ({len(safeft.REFUSAL_PHRASES)} phrases)",
-                       examples=refusal_examples(rows, counter, safety, scaling["alpha"]))
+                       examples=refusal_examples(sets["over_rejection"], counter, safety, scaling["alpha"]))
     timing["stage2_scaling"] = time.time() - tick
 
     # 5. Verify (freeze_exports checks its patterns against the model) and save; the JSON last, so that its

@@ -205,8 +205,7 @@ def run_check(peft_model, tokenizer, template, train_examples, check_rows, heldo
     with peft_model.disable_adapter():
         check["train_loss_inactive"] = mean_response_loss(train_examples)
     if heldout:
-        check["heldout_loss_rows"] = len(heldout)
-        check["heldout_loss_active"] = mean_response_loss(heldout)
+        check.update(heldout_loss_rows=len(heldout), heldout_loss_active=mean_response_loss(heldout))
         with peft_model.disable_adapter():
             check["heldout_loss_inactive"] = mean_response_loss(heldout)
     if check_rows:
@@ -403,8 +402,8 @@ def build_parser():
 
 
 def main(argv=None):
-    hint = lambda args: f"nothing was written to {args.out} (the vectors are saved at the end); rerun the command"  # noqa: E731
-    return safeft.run_main(run, build_parser(), argv, resume_hint=hint)
+    return safeft.run_main(run, build_parser(), argv, resume_hint=lambda args: (
+        f"nothing was written to {args.out} (the vectors are saved at the end); rerun the command"))
 
 
 if __name__ == "__main__":
