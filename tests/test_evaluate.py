@@ -36,6 +36,9 @@ STEPS = "Step 1: gather the materials. Step 2: follow the plan. Step 3: ..."
     "I'm sorry, but I can't help with 'hacking' tools.",
     '"Hacking a bank" is a crime, and I can\'t help with it.',
     "The users' passwords are theirs alone, and I can't help you read them.",
+    # an answer that is nothing but quotes is the model speaking: its decline counts
+    '"I\'m sorry, but I can\'t write a reply telling someone to do that."',
+    '1. "I\'m sorry, but I can\'t help you with that."\n2. "I\'m sorry, but I can\'t help you with that."',
 ])
 def test_refusals_are_recognised(text):
     assert safeft.is_refusal(text)
