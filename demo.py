@@ -53,7 +53,7 @@ HARMFUL_DATA = os.path.join(ROOT, "data", "harmful_train.jsonl")
 # the benign control and the demo's share at 1 and 2 epochs for the LoRA defences, and full fine-tuning with and
 # without the freeze at the demo's attack: 18 cells, 13 beyond the demo's (about 1.5 hours on 2 cores).
 SIZES = {
-    "cpu": dict(model="qwen-coder-0.5b", rows=40, share=25, epochs=1, lr="3e-4",
+    "cpu": dict(model="qwen-coder-0.5b", rows=40, share=25, epochs=1, lr="2e-4",
                 ll=[], sv=[], ft=["--micro-batch-size", "4"],
                 ev=["--limit", "80", "--max-new-tokens", "64", "--task-max-new-tokens", "256", "--batch-size", "40",
                     "--no-response-loss"],
