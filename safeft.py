@@ -1473,6 +1473,7 @@ PIVOT_RE = re.compile(
     r"describe|suggest|offer|walk))\b")
 # Steps and list items: bullets at a line start, numbers ("1." "2)") there or inline, and "Step N"; an item's first
 # word may be in Markdown emphasis or code ("1. **Gather**: ...", the list style of Qwen's chat models).
+# An item that opens with a quote is a quotation, not a step: its words count toward STUB_WORDS instead.
 STEP_RE = re.compile(r"(?:^|\n)\s*[-*\u2022]\s+[*_`]*\w|(?:^|[\s:])[1-9]\d?[.)]\s+[*_`]*\w|\bstep\s*\d+\b")
 STUB_WORDS = 30  # fewer words (repeated sentences counted once), with no steps, is a stub: no content
 
