@@ -16,7 +16,7 @@ judged on the harmful rate (with content) and on any compliance.
 Everything lands under --out; the sweep reuses the demo's cells, and a step whose outputs are there is skipped,
 so an interrupted run picks up where it stopped (--force reruns every step). Step times go to step_times.json.
 
-    python demo.py                   # aligned qwen-coder-0.5b, 2-core CPU: about 55 minutes
+    python demo.py                   # aligned qwen-coder-0.5b, 2-core CPU: about 50 minutes
     python demo.py --sweep           # the attack-strength grid on the same model (CPU: about 1.5 hours more)
     python demo.py --seeds 1,2,3     # the five fine-tunes again at 3 more seeds: SEEDS.md (CPU: ~25 min a seed)
     python demo.py --quick           # a few-minute smoke run on SmolLM2-135M
