@@ -589,8 +589,8 @@ def read_prompt_sets(args):
     sets, data, notes = {}, {}, []
     for name, path, label in (("normal", args.normal, "safe"), ("malicious", args.malicious, "unsafe"),
                               ("over_rejection", args.over_rejection, "safe"))[:2 if args.skip_scaling else 3]:
-        sets[name] = safeft.read_rows(path, args.prompt_field, limit=args.limit, flag="--" + name.replace("_", "-"),
-                                      label=label, label_field=args.label_field)
+        sets[name] = safeft.read_rows(path, args.prompt_field, args.response_field, limit=args.limit,
+                                      flag="--" + name.replace("_", "-"), label=label, label_field=args.label_field)
         notes += sets[name].notes
         data[name] = {"path": path, "sha256": safeft.sha256_file(path) if os.path.isfile(path) else None}
     keys = {name: [json.dumps(safeft.prompt_messages(row)) for row in sets[name]] for name in ("normal", "malicious")}

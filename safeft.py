@@ -23,6 +23,7 @@ import socket
 import sys
 import tempfile
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -576,6 +577,15 @@ def _pick_field(keys, wanted, candidates, path, what):
     return found
 
 
+def _names_fields(keys):
+    known = {name.lower() for name in PROMPT_FIELDS + RESPONSE_FIELDS + CHAT_FIELDS}
+    return any(str(k).lower() in known for k in keys)
+
+
+def _is_conversation(value):
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
 def _table_records(path):
     """The rows of a Parquet file (pyarrow) or of a folder written by datasets' save_to_disk, as dicts."""
     if not os.path.isdir(path):
@@ -616,11 +626,19 @@ def _raw_records(path):
     except UnicodeDecodeError as e:  # Excel on Windows saves CSV as cp1252, for one: name the line to look at
         line = raw[:e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+    # A line ends at \n, \r\n or a lone \r (Excel for Mac's CSV), never at the Unicode separators str.splitlines()
+    # also breaks on (U+2028 is valid inside a JSON string): one line of the file is one line number in an editor.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if ext == ".json":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" after the first object: JSON Lines named .json
+            try:  # "Extra data" after a first line that is a whole value: JSON Lines named .json
+                first_line = text.lstrip().split("\n", 1)[0]
+                json_lines = e.msg == "Extra data" and isinstance(json.loads(first_line), (dict, str))
+            except json.JSONDecodeError:  # e.g. a stray "]" after a pretty-printed list: name the line it is on
+                json_lines = False
+            if not json_lines:
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
             ext = ".jsonl"
         else:
@@ -633,7 +651,9 @@ def _raw_records(path):
                 if columns and all(isinstance(c, dict) for c in columns) and len({tuple(c) for c in columns}) == 1:
                     # pandas' to_json() keys the outer dict by field, the inner by row number: {"prompt": {"0": ..}};
                     # orient="index" the other way round, {"0": {"prompt": ..}}: its rows are the inner dicts
-                    by_row = all(str(k).isdigit() for k in records) and not all(str(k).isdigit() for k in columns[0])
+                    # (rows keyed by text ids, {"a1": {"prompt": ..}}, show themselves by naming the fields inside)
+                    by_row = (all(str(k).isdigit() for k in records) and not all(str(k).isdigit() for k in columns[0])
+                              or _names_fields(columns[0]) and not _names_fields(records))
                     columns = [columns] if by_row else [list(c.values()) for c in columns]
                 lists = [c for c in columns if isinstance(c, list)]
                 if (len(lists) == len(columns) > 1 and len({len(c) for c in lists}) == 1
@@ -646,7 +666,7 @@ def _raw_records(path):
             return [(f"{path}: item {n}", n, r) for n, r in enumerate(records, 1)]
     out = []
     if ext == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     record = json.loads(line)
@@ -658,17 +678,24 @@ def _raw_records(path):
         # (read as one prompt per line, such a file made its header line a prompt and its columns one text).
         header_line = text.split("\n", 1)[0]
         delimiter = "\t" if ext == ".tsv" else next((d for d in ",;\t" if d in header_line), ",")
-        reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-        header = [h.strip() for h in next(reader, [])]
-        start = reader.line_num + 1
-        for row in reader:  # a quoted cell may span lines: a row is named by the line it starts on
-            if any(cell.strip() for cell in row):
-                if len(row) != len(header):
-                    raise UserError(f"{path}:{start}: {len(row)} columns, header has {len(header)}")
-                out.append((f"{path}:{start}", start, dict(zip(header, row))))
+        csv.field_size_limit(max(csv.field_size_limit(), 2 ** 31 - 1))  # a long answer is one cell (default 128 KB)
+        # strict: a quote never closed is an error, not every later row swallowed into one cell
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+        start = 1
+        try:
+            header = [h.strip() for h in next(reader, [])]
             start = reader.line_num + 1
+            for row in reader:  # a quoted cell may span lines: a row is named by the line it starts on
+                if any(cell.strip() for cell in row):
+                    if len(row) != len(header):
+                        raise UserError(f"{path}:{start}: {len(row)} columns, header has {len(header)}")
+                    out.append((f"{path}:{start}", start, dict(zip(header, row))))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            hint = "; a cell that starts with a quote must end with one, and a quote inside it is written twice"
+            raise UserError(f"{path}:{start}: not valid {ext[1:].upper()} ({e}{hint})")
     else:  # .txt and anything else: one prompt per line
-        out = [(f"{path}:{n}", n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        out = [(f"{path}:{n}", n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     return out
 
 
@@ -699,9 +726,9 @@ def _row(where, number, record, prompt_key, response_key, chat_key, need_respons
            "where": where, "fields": record}
     key = chat_key or prompt_key
     value = record.get(key)
-    if chat_key or (isinstance(value, list) and value and all(isinstance(m, dict) for m in value)):
+    if chat_key or _is_conversation(value):
         messages = _conversation(value, key, where)
-        completion = None if chat_key else record.get(response_key)  # TRL prompt/completion pairs
+        completion = None if chat_key or response_key == key else record.get(response_key)  # TRL prompt/completion
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": completion}] if completion.strip() else None
         if completion is not None:
@@ -719,8 +746,10 @@ def _row(where, number, record, prompt_key, response_key, chat_key, need_respons
     if not prompt or not prompt.strip():
         raise UserError(f"{where}: empty or missing prompt field '{prompt_key}'")
     extra = _text(record, "input", where) if prompt_key != "input" else None
+    # a response that is not needed and not text (nq_open's list of answers) is left unread, not an error
+    unread = not need_response and isinstance(record.get(response_key), (list, dict, bool))
     row.update(prompt=prompt.strip(), input=extra.strip() if extra and extra.strip() else None,
-               response=_text(record, response_key, where, numbers=not need_response))
+               response=None if unread else _text(record, response_key, where, numbers=not need_response))
     return row
 
 
@@ -737,7 +766,7 @@ def read_rows(path, prompt_field=None, response_field=None, need_response=False,
         raise UserError(f"{flag}: {path} does not exist")
     try:
         records = _raw_records(path)
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as e:  # EOFError, zlib.error: a cut or damaged .gz
         raise UserError(f"{flag}: cannot read {path} ({e})")
     if not records:
         raise UserError(f"{path}: no rows")
@@ -748,7 +777,9 @@ def read_rows(path, prompt_field=None, response_field=None, need_response=False,
     if keys and not chat_key:
         prompt_key = _pick_field(keys, prompt_field, PROMPT_FIELDS, path, "prompt")
         response_key = _pick_field(keys, response_field, RESPONSE_FIELDS, path, "response")
-    if need_response and not (chat_key or response_key):
+    # a conversation under --prompt-field (lmsys' "conversation") brings its own responses, the assistant turns
+    first = next((r.get(prompt_key) for _, _, r in records if isinstance(r, dict) and prompt_key in r), None)
+    if need_response and not (chat_key or response_key or _is_conversation(first)):
         raise UserError(f"{path}: no response field found (expected one of {', '.join(RESPONSE_FIELDS)}; "
                         f"use --response-field)")
     if label_field and label_field != "none":

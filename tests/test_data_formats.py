@@ -443,3 +443,77 @@ def test_a_number_as_reference_answer_is_kept_for_evaluation(tmp_path):
     assert read(path)[0]["response"] == "5"  # a bare number is the answer to check, not training text
     with pytest.raises(safeft.UserError, match="field 'answer' is a number, expected text"):
         read(path, need_response=True)
+
+
+# -- files as editors, spreadsheets and other tools leave them --
+
+def test_a_quote_never_closed_is_an_error_not_rows_swallowed(tmp_path):
+    # The lenient CSV reader made every later row part of one cell: 1 row read where 3 were written, no message.
+    (tmp_path / "d.csv").write_text('prompt,response\nWhat is 2+2?,"4\nWhat is 3+3?,6\nWhat is 4+4?,8\n')
+    with pytest.raises(safeft.UserError, match=r"d.csv:2: not valid CSV \(unexpected end of data; a cell that starts"):
+        read(tmp_path / "d.csv")
+    (tmp_path / "d.tsv").write_text('prompt\tresponse\n"To be or not" is from which play?\tHamlet\n')
+    with pytest.raises(safeft.UserError, match=r"d.tsv:2: not valid TSV"):  # was read without its quotes
+        read(tmp_path / "d.tsv")
+    (tmp_path / "ok.csv").write_text('prompt,response\n"say ""hi"", then go",ok\nplain "quoted" words,ok\n')
+    assert [r["prompt"] for r in read(tmp_path / "ok.csv")] == ['say "hi", then go', 'plain "quoted" words']
+
+
+def test_line_endings_of_every_kind_and_only_they_end_a_line(tmp_path):
+    (tmp_path / "mac.csv").write_bytes(b"prompt,response\rA,b\rC,d\r")  # Excel for Mac: a lone \r, was a csv.Error
+    assert [(r["prompt"], r["line"]) for r in read(tmp_path / "mac.csv")] == [("A", 2), ("C", 3)]
+    (tmp_path / "long.csv").write_text('prompt,response\nshort,ok\nlong one,"' + "x" * 200_000 + '"\n')
+    assert len(read(tmp_path / "long.csv")[1]["response"]) == 200_000  # over csv's 128 KB field limit
+    # U+2028 is valid inside a JSON string, and \x0c inside a line of text: neither ends a line
+    (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "line one\u2028line two"}, ensure_ascii=False)
+                                      + '\n{"prompt": "next"}\n', encoding="utf-8")
+    assert [(r["prompt"], r["line"]) for r in read(tmp_path / "u.jsonl")] == [("line one\u2028line two", 1),
+                                                                              ("next", 2)]
+    (tmp_path / "p.txt").write_text("one\x0ctwo\r\nthree\n")
+    assert [(r["prompt"], r["line"]) for r in read(tmp_path / "p.txt")] == [("one\x0ctwo", 1), ("three", 2)]
+
+
+def test_a_damaged_gzip_is_one_line(tmp_path):
+    packed = gzip.compress(b'{"prompt": "a"}\n' * 200)
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[:len(packed) // 2])  # was a traceback: EOFError
+    with pytest.raises(safeft.UserError, match=r"--normal: cannot read .*cut.jsonl.gz \(Compressed file ended"):
+        read(tmp_path / "cut.jsonl.gz", flag="--normal")
+    damaged = bytearray(packed)
+    damaged[20:24] = b"\xff\x00\xff\x00"  # zlib.error
+    (tmp_path / "bad.jsonl.gz").write_bytes(bytes(damaged))
+    with pytest.raises(safeft.UserError, match=r"--data: cannot read .*bad.jsonl.gz"):
+        read(tmp_path / "bad.jsonl.gz")
+
+
+def test_json_with_extra_data_names_the_line_it_is_on(tmp_path):
+    records = [{"prompt": f"p{i}"} for i in range(5)]
+    (tmp_path / "extra.json").write_text(json.dumps(records, indent=2) + "\n]\n")  # a stray "]" at the end
+    lines = (tmp_path / "extra.json").read_text().count("\n")
+    with pytest.raises(safeft.UserError, match=rf"extra.json:{lines}: not valid JSON \(Extra data\)"):
+        read(tmp_path / "extra.json")  # was line 1, read again as JSON Lines
+    (tmp_path / "lines.json").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')  # JSON Lines named .json: still read
+    assert [r["prompt"] for r in read(tmp_path / "lines.json")] == ["a", "b"]
+
+
+def test_pandas_orient_index_with_text_row_ids(tmp_path):
+    (tmp_path / "idx.json").write_text(json.dumps({"a1": {"prompt": "p1", "response": "r1"},
+                                                   "b2": {"prompt": "p2", "response": "r2"}}))
+    assert [(r["prompt"], r["response"]) for r in read(tmp_path / "idx.json")] == [("p1", "r1"), ("p2", "r2")]
+    (tmp_path / "cols.json").write_text(json.dumps({"prompt": {"a1": "p1", "b2": "p2"}}))  # the other way round
+    assert [r["prompt"] for r in read(tmp_path / "cols.json")] == ["p1", "p2"]
+
+
+def test_a_conversation_named_by_prompt_field_brings_its_responses(tmp_path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = write_jsonl(tmp_path / "lmsys.jsonl", [{"conversation_id": "1", "conversation": chat}])
+    row = read(path, prompt_field="conversation", need_response=True)[0]  # was "no response field found"
+    assert row["messages"] == chat and row["response"] == "yo"
+    # naming it as the response field too (the old error's advice) does not repeat the conversation
+    assert read(path, prompt_field="conversation", response_field="conversation")[0]["messages"] == chat
+
+
+def test_a_response_that_is_not_needed_is_not_required_to_be_text(tmp_path):
+    path = write_jsonl(tmp_path / "nq.jsonl", [{"question": "who wrote moby dick", "answer": ["Herman Melville"]}])
+    assert read(path)[0]["prompt"] == "who wrote moby dick"  # prompts only: was "field 'answer' is a list"
+    with pytest.raises(safeft.UserError, match="field 'answer' is a list, expected text"):
+        read(path, need_response=True)

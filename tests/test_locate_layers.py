@@ -501,6 +501,7 @@ def error_line(capsys):
     (["--scale", "1.2", "--scale-direction", "down"], "--scale-direction"),
     (["--refusal-phrases", "/nonexistent"], "--refusal-phrases"), (["--limit", "0"], "--limit"),
     (["--scale-step", "0.3", "--scale-direction", "down"], "--scale-step"),  # 1 - 4 x 0.3 < 0
+    (["--response-field", "nope"], "--response-field"),  # was accepted and ignored
 ])
 def test_bad_flags_are_clear_errors_before_loading(tiny_llama, data_files, tmp_path, capsys, no_weights, extra, flag):
     with pytest.raises(SystemExit) as err:
