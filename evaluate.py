@@ -304,6 +304,9 @@ def read_eval_file(path):
         hint = "; rerun evaluate.py on it: answers are now classified" if found == "eval/v1" else ""
         raise UserError(f"--compare: {path} is not an evaluate.py result of format {EVAL_FORMAT!r} "
                         f"(found {found!r}){hint}")
+    missing = [key for key in ("name", "settings", "summary") if not isinstance(run.get(key), (str, dict))]
+    if missing:
+        raise UserError(f"--compare: {path} has no {', '.join(missing)} (cut short, or not written by evaluate.py)")
     return run
 
 
@@ -367,9 +370,11 @@ def compare(args, parser):
     if table_out and not table_out.lower().endswith(".md"):
         raise UserError(f"--out: with --compare it names the Markdown file for the table (e.g. "
                         f"runs/eval/compare.md), got {table_out}")
-    for flag, path in (("--out", table_out), ("--plot", args.plot)):
+    outputs = [("--out", table_out), ("--plot", args.plot)]
+    safeft.check_distinct_outputs(outputs)
+    for flag, path in outputs:
         if path:
-            safeft.check_output_location(path, args.overwrite, flag)
+            safeft.check_output_location(path, args.overwrite, flag, inputs=[("--compare", p) for p in args.compare])
     runs = [read_eval_file(p) for p in args.compare]
     problems = comparison_mismatches(runs, args.compare)
     if problems and not args.allow_mismatch:
@@ -420,6 +425,9 @@ def output_paths(args):
     """(run name, JSON path, Markdown path): --out with <name> filled in; a --out ending in / (or a folder)
     holds <name>.json. The name: --name, else --out's file name, else the adapters' or the model's."""
     out = args.out
+    if out.lower().endswith(".md"):  # the JSON went into report.md and the report into report.md.md
+        raise UserError(f"--out: names the run's JSON file (or a folder), got {out}; the Markdown report is written "
+                        f"beside the JSON, with .md for .json")
     if out.endswith(("/", os.sep)) or os.path.isdir(out):
         out = os.path.join(out, "<name>.json")
     if args.name:
@@ -494,8 +502,8 @@ def evaluate(args):
 
     # 2. Outputs: every problem with them found now, before the config (a .gguf is converted to read it) and the work.
     name, out, md_out = output_paths(args)
-    safeft.check_output_location(out, args.overwrite)
-    safeft.check_output_location(md_out, args.overwrite)
+    for path in (out, md_out):
+        safeft.check_output_location(path, args.overwrite, inputs=safeft.given_paths(args, "out", "compare"))
 
     # 3. Check against the model without its weights: adapters against the config, the settings they recorded,
     # the template against the data, the task's loss examples.

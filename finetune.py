@@ -330,7 +330,8 @@ def finetune(args):
     load_in_4bit = args.method == "lora" and (cuda if args.load_in_4bit is None else args.load_in_4bit)
     checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
     args.lr = args.lr or DEFAULT_LR[args.method]
-    safeft.check_output_location(args.out, args.overwrite, is_dir=True)
+    safeft.check_output_location(args.out, args.overwrite, is_dir=True,
+                                 inputs=safeft.given_paths(args, "out", "checkpoint_dir"))
     root = checkpoint_root(args)
     # The Trainer makes its folder at the start, so --out would no longer be new when the result is moved there
     # (and --overwrite would delete the checkpoints with the old --out).
@@ -392,12 +393,16 @@ def finetune(args):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # 4. Train: the Trainer checkpoints every --save-every steps and resumes from --resume.
-    trainer = finetune_trainer(settings)(
-        model=model, args=training_args, train_dataset=examples,
-        data_collator=functools.partial(safeft.collate, pad_token_id=tokenizer.pad_token_id))
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer = finetune_trainer(settings)(
+            model=model, args=training_args, train_dataset=examples,
+            data_collator=functools.partial(safeft.collate, pad_token_id=tokenizer.pad_token_id))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:  # the Trainer makes its folder even when no checkpoint goes there: left empty, it blocks the next run
+        if training_args.process_index == 0 and not root_existed and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
     peak = safeft.peak_memory_mb(training_args.device)
 
     # 5. Verify: the vectors did not move. Then they leave the model.
@@ -417,8 +422,6 @@ def finetune(args):
     # 6. Save (process 0): the adapter or the model with train_log.json, refused if --out appeared meanwhile.
     if trainer.is_world_process_zero():
         save_output(model, tokenizer, args, log, save_dtype)
-        if not root_existed and os.path.isdir(root) and not os.listdir(root):
-            os.rmdir(root)  # the Trainer makes its folder even when no checkpoint goes there
         losses = f"{log['losses'][0]:.4f} -> {log['final_loss']:.4f}" if log["losses"] else "nan -> nan"
         print(f"loss {losses} over {log['steps']} steps, {log['tokens_per_s']:.0f} tokens/s, peak memory {peak[0]} MB",
               file=sys.stderr)

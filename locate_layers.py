@@ -615,8 +615,10 @@ def locate(args, log=print):
     paths = {"json": args.out, "plot": stem + ".png", "peft": stem + ".peft.json", "axolotl": stem + ".axolotl.yaml",
              "freeze": stem + ".freeze.json"}
     # 1. Everything the flags, the data, the config and the tokenizer can tell, before the weights load.
+    flags = {what: "--out" + ("" if what == "json" else f" (its {what} file)") for what in paths}
+    safeft.check_distinct_outputs([(flags[what], path) for what, path in paths.items()])  # --out x.png: the plot's
     for what, path in paths.items():
-        safeft.check_output_location(path, args.overwrite, "--out" + ("" if what == "json" else f" (its {what} file)"))
+        safeft.check_output_location(path, args.overwrite, flags[what], inputs=safeft.given_paths(args, "out"))
     if args.alpha is not None:
         print("note: --alpha is now --scale (the layer scale factor; --alpha will go)", file=sys.stderr)
         args.scale = args.alpha

@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -177,9 +178,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, not argparse's usage block of 20 lines above it
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def script_parser(prog, description, formatter_class=HelpFormatter, **kwargs):
     """A script's ArgumentParser. prog is named: in a notebook sys.argv[0] is the kernel's, not the script's."""
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=formatter_class, **kwargs)
+    return ArgumentParser(prog=prog, description=description, formatter_class=formatter_class, **kwargs)
 
 
 def _number(kind, low, low_inclusive, high=None):
@@ -188,7 +194,9 @@ def _number(kind, low, low_inclusive, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
-        if value != value or (value < low if low_inclusive else value <= low) or (high is not None and value >= high):
+        if kind is float and not math.isfinite(value):  # nan and inf: an 'inf' learning rate trained NaN weights
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+        if (value < low if low_inclusive else value <= low) or (high is not None and value >= high):
             bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
             raise argparse.ArgumentTypeError(f"must be {bound} (got {text})")
         return value
@@ -378,18 +386,26 @@ def check_room(size, folder, what):
 PROBE_PIDS = os.name == "posix"  # os.kill(pid, 0) only asks whether a process lives there; Windows sends it Ctrl-C
 
 
-def check_output_location(path, overwrite, flag="--out", is_dir=False):
+def check_output_location(path, overwrite, flag="--out", is_dir=False, inputs=()):
     """Everything that would make the final write fail, found before any work: an existing output (without
-    --overwrite), a parent that is a file, a folder we may not write, a file path written as a folder."""
+    --overwrite), a parent that is a file, a folder we may not write, a file path written as a folder. inputs
+    ((flag, path), e.g. given_paths(args)): an output that is one of them or a folder holding one is refused,
+    as --overwrite would delete the run's own input."""
     if not path:
         raise UserError(f"{flag}: no path given")
     if not is_dir and path.endswith(("/", os.sep)):
         raise UserError(f"{flag}: {path} names a folder; give a file name")
     if os.path.exists(path):
-        if not overwrite:
-            raise UserError(f"{flag}: {path} already exists (pass --overwrite to replace it)")
         if is_dir != os.path.isdir(path):
             raise UserError(f"{flag}: {path} exists and is a {'folder' if os.path.isdir(path) else 'file'}")
+        if not overwrite:
+            raise UserError(f"{flag}: {path} already exists (pass --overwrite to replace it)")
+        target = os.path.realpath(path)
+        for input_flag, input_path in inputs:
+            held = os.path.realpath(input_path)
+            if held == target or held.startswith(target.rstrip(os.sep) + os.sep):
+                raise UserError(f"{flag}: {path} {'is' if held == target else 'holds'} {input_flag} {input_path}, "
+                                f"which --overwrite would delete; write the output elsewhere")
     parent = os.path.dirname(os.path.abspath(path))
     existing = parent
     while not os.path.exists(existing):
@@ -417,6 +433,21 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False):
                 shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
         except OSError:  # PermissionError: it runs, as another user
             pass
+
+
+def given_paths(args, *outputs):
+    """(flag, path) of every flag naming an existing file or folder, outputs (their dests) left out."""
+    values = [(dest, v) for dest, value in vars(args).items() if dest not in outputs
+              for v in (value if isinstance(value, list) else [value])]
+    return [(f"--{dest.replace('_', '-')}", v) for dest, v in values if isinstance(v, str) and v and os.path.exists(v)]
+
+
+def check_distinct_outputs(named):
+    """[(flag, path)] of one run's outputs: two that are one file would leave only the later."""
+    seen = {}
+    for flag, path in named:
+        if path and seen.setdefault(os.path.realpath(path), flag) != flag:
+            raise UserError(f"{flag}: {path} is also {seen[os.path.realpath(path)]}; give each output its own name")
 
 
 def _host_tag():
@@ -991,10 +1022,15 @@ def load_config(model):
     long load. A hub id that is not in the local cache is a one-line error (this machine may be offline)."""
     from transformers import AutoConfig
     path = local_model_dir(model)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(f"--model: cannot load {model} ({str(e).splitlines()[0][:200]})")
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # an encoder (BERT), a seq2seq model (T5)
+        raise UserError(f"--model: {model} is a {config.model_type} model, not a causal language model (a decoder "
+                        f"that continues text, as Llama, Qwen2 or GPT-2)")
+    return config
 
 
 def native_bf16():
@@ -1158,8 +1194,8 @@ def find_adapter(path, flag, config=None, template=None, made_by=None):
         if len(nested) != 1:
             raise UserError(f"{flag}: no adapter_config.json in {path} (not a PEFT adapter folder)")
         adapter_dir = os.path.join(path, nested[0])
-    weights = ("adapter_model.safetensors", "adapter_model.bin")
-    if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in weights):
+    weights = [os.path.join(adapter_dir, n) for n in ("adapter_model.safetensors", "adapter_model.bin")]
+    if not any(os.path.isfile(file) for file in weights):
         raise UserError(f"{flag}: no adapter_model.safetensors in {adapter_dir}")
     adapter_config = read_json_file(os.path.join(adapter_dir, "adapter_config.json"), flag)
     peft_type = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else "none: not a JSON object"
@@ -1179,8 +1215,23 @@ def find_adapter(path, flag, config=None, template=None, made_by=None):
     if template and meta.get("template") not in (None, template):
         print(f"warning: {flag} {path} was trained with --template {meta['template']}, this run uses {template}: "
               f"an adapter works best with the prompt format it was trained on", file=sys.stderr)
+    if os.path.isfile(weights[0]):  # after what the JSON files say: a fine-tune given as vectors is told as such
+        check_safetensors(weights[0], flag)
     return {"path": path, "adapter_dir": adapter_dir, "config": adapter_config, "meta": meta, "meta_file": meta_file,
             "fingerprint_checked": checked}
+
+
+def check_safetensors(path, flag):
+    """A .safetensors file whose header reads (a cut copy, or the pointer a clone without Git LFS leaves, fails)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:  # reads the header only, checked against the file's size
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        with open(path, "rb") as f:
+            lfs = f.read(40).startswith(b"version https://git-lfs")
+        why = "a Git LFS pointer, not the weights: run git lfs pull" if lfs else str(e).splitlines()[0][:200]
+        raise UserError(f"{flag}: {path} cannot be read ({why})")
 
 
 def load_adapter(model, adapter, name, flag, trainable=False):

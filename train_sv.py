@@ -250,7 +250,9 @@ def run(args):
     # (the check's too: one the template cannot render is found now, not after training).
     if args.keep_weight is not None and not args.keep_data:
         raise UserError("--keep-weight needs --keep-data (the benign prompts the KL term is computed on)")
-    safeft.check_output_location(args.out, args.overwrite, is_dir=True)
+    # --resume may be --out: its vectors are read before the new ones replace them
+    inputs = safeft.given_paths(args, "out", "resume")
+    safeft.check_output_location(args.out, args.overwrite, is_dir=True, inputs=inputs)
     # A label column (XSTest style) picks the rows: harmful ones to learn and to check, benign ones to keep.
     fields = dict(prompt_field=args.prompt_field, response_field=args.response_field, label_field=args.label_field)
     rows = safeft.read_rows(args.data, need_response=True, flag="--data", label="unsafe", **fields)

@@ -700,6 +700,9 @@ def test_compare_keeps_its_table_and_refuses_evaluation_flags(judged_run, tmp_pa
     assert kept.read_text() == table
     expect_user_error(["--compare", path, "--out", str(tmp_path / "compare.json")], "--out", "Markdown",
                       capsys=capsys)
+    same = str(tmp_path / "same.md")  # --out was written, then --plot refused as having "appeared"
+    expect_user_error(["--compare", path, "--out", same, "--plot", same], "--plot", "is also --out", capsys=capsys)
+    assert not os.path.exists(same)
     for extra in (["--adapter", str(tmp_path)], ["--limit", "3"], ["--skip-task"], ["--no-load-in-4bit"],
                   ["--load-in-4bit"]):
         expect_user_error(["--compare", path, *extra], f"{extra[0]}: not used with --compare",
@@ -720,6 +723,9 @@ def test_compare_rejects_bad_old_and_mismatched_files(judged_run, tmp_path, caps
     mismatched["settings"]["data"]["harmful"]["sha256"] = "0" * 64
     other = tmp_path / "other-data.json"
     other.write_text(json.dumps(mismatched))
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps({"format": result["format"], "name": "x"}))  # was a KeyError traceback
+    expect_user_error(["--compare", path, str(cut)], "has no settings, summary (cut short", capsys=capsys)
     for bad in (not_json, wrong, tmp_path / "missing.json", other, old):
         expect_user_error(["--compare", path, str(bad)], str(bad), capsys=capsys)
     expect_user_error(["--compare", path, str(old)], "rerun evaluate.py", capsys=capsys)
@@ -889,6 +895,12 @@ def test_unusable_output_locations_are_found_first(tiny_llama, data_files, tmp_p
     a_file.write_text("")
     expect_user_error(["--model", tiny_llama, *data_args(data_files), "--out", str(a_file / "x.json")],
                       "--out", "is a file", capsys=capsys)
+    expect_user_error(["--model", tiny_llama, *data_args(data_files), "--out", str(tmp_path / "report.md")],
+                      "--out", "names the run's JSON file", capsys=capsys)  # was JSON in report.md, report.md.md
+    task = tmp_path / "task.jsonl"
+    task.write_text(open(data_files["task"]).read())
+    expect_user_error(["--model", tiny_llama, *data_args(data_files), "--task", str(task), "--out", str(task),
+                       "--overwrite"], "--out", "is --task", capsys=capsys)
     locked = tmp_path / "read-only"
     locked.mkdir()
     locked.chmod(0o555)

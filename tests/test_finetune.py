@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import finetune as ft
 import safeft
@@ -299,6 +299,19 @@ def test_resume_gives_the_same_weights(tiny_llama, task_data, tmp_path, method, 
     assert "--seed" in message and "checkpoint-7" in message  # the newest checkpoint of the folder
 
 
+def test_a_failed_run_leaves_no_empty_checkpoint_folder(tiny_llama, task_data, tmp_path, monkeypatch):
+    """The Trainer makes --checkpoint-dir when it starts; left empty by a run that failed, it refused the rerun."""
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+    monkeypatch.setattr(transformers.Trainer, "train", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ft.main(["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--save-every", "1"])
+    assert os.listdir(tmp_path) == []
+
+
 def test_ctrl_c_says_what_was_kept_and_the_command_resumes_exactly(tiny_llama, task_data, tmp_path, monkeypatch,
                                                                     capsys):
     common = ["--model", tiny_llama, "--data", task_data, "--max-steps", "5", "--lr", "1e-3",
@@ -381,13 +394,13 @@ def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, 
     other_base = tmp_path / "other_base"
     other_base.mkdir()
     (other_base / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    (other_base / "adapter_model.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(other_base / "adapter_model.safetensors"))
     (other_base / "sv_meta.json").write_text(json.dumps({
         "format": "security-vectors/v1", "fingerprint": {"model_type": "llama", "num_layers": 30, "hidden_size": 576}}))
     a_finetune = tmp_path / "a_finetune"  # finetune.py's output given where security vectors belong
     a_finetune.mkdir()
     (a_finetune / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    (a_finetune / "adapter_model.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(a_finetune / "adapter_model.safetensors"))
     (a_finetune / "train_log.json").write_text(json.dumps({"format": "finetune/v1"}))
     no_template = tmp_path / "no_template"
     make_tiny_model("llama", no_template)
@@ -414,6 +427,7 @@ def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, 
         (["--method", "full", "--load-in-4bit"], "--load-in-4bit"),
         (["--lora-alpha", "0"], "--lora-alpha"),  # would train nothing: LoRA's update is scaled by alpha / r
         (["--warmup-ratio", "-0.1"], "--warmup-ratio"),
+        (["--weight-decay", "inf"], "--weight-decay"), (["--epochs", "inf"], "--epochs"), (["--lr", "inf"], "--lr"),
         (["--lora-target-modules", "q_proj,qkv_proj"], "qkv_proj"),
         (["--model", str(tmp_path / "empty_folder")], "--model"),
         (["--model", "nobody-here/no-such-model"], "--model"),  # a hub id, offline (HF_HUB_OFFLINE=1)
@@ -430,6 +444,13 @@ def test_bad_inputs_are_one_line_before_any_weights_load(tiny_llama, task_data, 
     (tmp_path / "taken").mkdir()
     assert "--overwrite" in one_line_error(capsys, ["--model", tiny_llama, "--data", task_data,
                                                     "--out", str(tmp_path / "taken")])
+    project = tmp_path / "project"  # --overwrite deleted the data (and anything else) that --out held
+    project.mkdir()
+    (project / "train.jsonl").write_text(open(task_data).read())
+    (project / "notes.txt").write_text("mine")
+    assert "holds --data" in one_line_error(capsys, ["--model", tiny_llama, "--data", str(project / "train.jsonl"),
+                                                     "--out", str(project), "--overwrite"])
+    assert sorted(os.listdir(project)) == ["notes.txt", "train.jsonl"]
 
 
 def test_a_checkpoint_dir_that_is_or_is_inside_out_is_refused_before_loading(tiny_llama, task_data, tmp_path,
@@ -507,7 +528,7 @@ def test_security_vectors_without_a_record_or_with_another_template_are_warnings
     folder = tmp_path / "vectors"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    (folder / "adapter_model.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
     assert safeft.find_adapter(str(folder), "--security-vectors", config, "chat")["meta"] == {}
     assert "records no base model" in capsys.readouterr().err
     (folder / "sv_meta.json").write_text(json.dumps({"format": "security-vectors/v1", "template": "alpaca",

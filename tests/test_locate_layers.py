@@ -546,6 +546,11 @@ def test_unusable_outputs_and_a_missing_chat_template_are_found_before_loading(t
         with pytest.raises(SystemExit):
             ll.main(cli(tiny_llama, data_files, out))
         assert words in error_line(capsys)
+    with pytest.raises(SystemExit):  # the plot is x.png too: found after the whole search, and exports left behind
+        ll.main(cli(tiny_llama, data_files, tmp_path / "x.png"))
+    assert error_line(capsys) == f"error: --out (its plot file): {tmp_path / 'x.png'} is also --out; give each " \
+                                 f"output its own name"
+    assert not list(tmp_path.glob("x.*"))
     (tmp_path / "taken.peft.json").write_text("{}")  # an export beside --out is someone's file too
     with pytest.raises(SystemExit):
         ll.main(cli(tiny_llama, data_files, tmp_path / "taken.json"))

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import safeft as h
 from conftest import ROOT, make_tokenizer
@@ -511,7 +512,7 @@ def test_find_adapter_layouts_and_what_it_refuses(tmp_path):
     def adapter(folder, peft_type="LORA", weights="adapter_model.safetensors"):
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
-        (folder / weights).write_bytes(b"")
+        save_file({"w": torch.zeros(2)}, str(folder / weights))
         return folder
     ours = adapter(tmp_path / "ours")
     (ours / "sv_meta.json").write_text('{"format": "security-vectors/v1"}')
@@ -538,6 +539,17 @@ def test_find_adapter_layouts_and_what_it_refuses(tmp_path):
         h.find_adapter(str(ours), "--security-vectors")
     with pytest.raises(h.UserError, match="^--adapter: .* is not a folder"):
         h.find_adapter(str(tmp_path / "missing"), "--adapter")
+    # weights that cannot be read are one line before any model loads (they were a traceback after it)
+    (ours / "sv_meta.json").write_text('{"format": "security-vectors/v1"}')
+    weights = ours / "adapter_model.safetensors"
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 123\n")  # no git lfs pull
+    with pytest.raises(h.UserError, match=r"^--security-vectors: .*adapter_model.safetensors cannot be read "
+                                          r"\(a Git LFS pointer, not the weights: run git lfs pull\)"):
+        h.find_adapter(str(ours), "--security-vectors")
+    save_file({"w": torch.zeros(64)}, str(weights))
+    weights.write_bytes(weights.read_bytes()[:-100])  # a cut copy
+    with pytest.raises(h.UserError, match=r"^--adapter: .*adapter_model.safetensors cannot be read \(.*"):
+        h.find_adapter(str(ours), "--adapter")
 
 
 def test_read_json_file_names_the_flag_and_the_file(tmp_path):
@@ -598,8 +610,9 @@ def test_unusable_output_locations_are_found_before_the_work(tmp_path, monkeypat
         h.check_output_location(str(tmp_path / "file" / "sub" / "x.json"), overwrite=False)
     with pytest.raises(h.UserError, match="^--out: .*names a folder; give a file name"):
         h.check_output_location(str(tmp_path / "some_dir") + "/", overwrite=False)
-    with pytest.raises(h.UserError, match="^--checkpoint-dir: .* exists and is a file"):
-        h.check_output_location(str(tmp_path / "file"), overwrite=True, flag="--checkpoint-dir", is_dir=True)
+    for overwrite in (True, False):  # without --overwrite it said to pass --overwrite, which then refused it
+        with pytest.raises(h.UserError, match="^--checkpoint-dir: .* exists and is a file"):
+            h.check_output_location(str(tmp_path / "file"), overwrite, flag="--checkpoint-dir", is_dir=True)
     # A folder that no one may write into, not even root (os.access says yes to root there): found by trying.
     if os.path.isdir("/proc/self"):
         with pytest.raises(h.UserError, match="^--out: cannot write /proc/x/y.json: /proc is not writable"):
@@ -608,6 +621,44 @@ def test_unusable_output_locations_are_found_before_the_work(tmp_path, monkeypat
     monkeypatch.setattr(h.os, "access", lambda path, mode: False)
     with pytest.raises(h.UserError, match="^--out: cannot write .* is not writable"):
         h.check_output_location(str(tmp_path / "new.json"), overwrite=False)
+
+
+def test_an_output_that_is_or_holds_an_input_is_refused_with_overwrite(tmp_path):
+    """--overwrite replaces the whole old --out: a folder holding the run's --data deleted the data."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.jsonl").write_text("{}")
+    args = argparse.Namespace(data=str(project / "train.jsonl"), out=str(project), model="not-a-path", limit=None,
+                              adapter=[str(tmp_path / "missing"), str(project / "train.jsonl")])
+    inputs = h.given_paths(args, "out")
+    assert inputs == [("--data", str(project / "train.jsonl")), ("--adapter", str(project / "train.jsonl"))]
+    with pytest.raises(h.UserError, match=r"^--out: .*project holds --data .*train.jsonl, which --overwrite would "):
+        h.check_output_location(str(project), True, is_dir=True, inputs=inputs)
+    with pytest.raises(h.UserError, match=r"^--out: .*train.jsonl is --data .*train.jsonl"):
+        h.check_output_location(str(project / "train.jsonl"), True, inputs=inputs)
+    h.check_output_location(str(tmp_path / "elsewhere"), True, is_dir=True, inputs=inputs)
+    (tmp_path / "project-2").mkdir()  # a sibling whose name starts the same is not inside
+    h.check_output_location(str(tmp_path / "project-2"), True, is_dir=True, inputs=inputs)
+    with pytest.raises(h.UserError, match=r"^--plot: b.png is also --out; give each output its own name"):
+        h.check_distinct_outputs([("--out", "b.png"), ("--plot", "b.png")])
+
+
+def test_a_model_that_is_not_a_causal_lm_is_one_line_from_its_config(tmp_path):
+    from transformers import DistilBertConfig
+    DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(
+        tmp_path / "encoder")  # was a traceback listing some 200 model classes, from every script
+    with pytest.raises(h.UserError, match=r"^--model: .*encoder is a distilbert model, not a causal language model"):
+        h.load_config(str(tmp_path / "encoder"))
+
+
+@pytest.mark.parametrize("script", ["locate_layers", "train_sv", "finetune", "evaluate"])
+def test_a_bad_flag_value_is_one_line_not_the_usage_block(script, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--seed", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1, err  # argparse printed about 20 lines of usage first
+    assert err[0].startswith(f"{script}.py: error: argument --seed: must be >= 0")
 
 
 def test_leftovers_of_a_killed_run_are_removed(tmp_path, monkeypatch):
@@ -856,9 +907,9 @@ def test_no_script_help_shows_a_bare_none_default():
 
 @pytest.mark.parametrize("parse, good, bad", [
     (h.positive_int, "3", ["0", "-1", "x", "1.5"]),
-    (h.positive_float, "0.5", ["0", "-2", "nan", "x"]),
+    (h.positive_float, "0.5", ["0", "-2", "nan", "x", "inf", "1e999"]),  # inf: an 'inf' --lr trained NaN weights
     (h.fraction, "0", ["1", "-0.1"]),
-    (h.non_negative_float, "0", ["-1e-9"]),
+    (h.non_negative_float, "0", ["-1e-9", "inf"]),
 ])
 def test_flag_validators_reject_settings_that_cannot_train(parse, good, bad):
     import argparse
