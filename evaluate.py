@@ -360,12 +360,8 @@ COMPARE_FLAGS = ("compare", "plot", "allow_mismatch", "examples", "out", "overwr
 
 def compare(args, parser):
     # Any other flag shapes an evaluation, and --compare runs none: given here it would be dropped without a word.
-    given = [dest for dest, value in vars(args).items()
-             if dest not in COMPARE_FLAGS and value != parser.get_default(dest)]
-    if given:  # a switch turned off names itself as given: --no-load-in-4bit, not --load-in-4bit
-        negated = "no-" if getattr(args, given[0]) is False else ""
-        raise UserError(f"--{negated}{given[0].replace('_', '-')}: not used with --compare, which reads the runs' "
-                        f"JSON files and loads no model")
+    safeft.unused_flags(args, parser, [dest for dest in vars(args) if dest not in COMPARE_FLAGS],
+                        "with --compare, which reads the runs' JSON files and loads no model", error=True)
     table_out = None if args.out == DEFAULT_OUT else args.out  # the table is printed; --out FILE.md also keeps it
     if table_out and not table_out.lower().endswith(".md"):
         raise UserError(f"--out: with --compare it names the Markdown file for the table (e.g. "
@@ -489,6 +485,8 @@ def evaluate(args):
     for flag in ("--plot", "--allow-mismatch"):
         if getattr(args, flag[2:].replace("-", "_")):
             raise UserError(f"{flag}: only with --compare")
+    if not args.judge_model:
+        safeft.unused_flags(args, build_parser(), ["judge_unsafe_labels", "judge_input"], "without --judge-model")
     parts, data = read_parts(args)
     if args.judge_model and not parts["harmful"]:
         raise UserError("--judge-model: nothing to judge, the harmful part is skipped")

@@ -326,6 +326,9 @@ def finetune(args):
     # 1. Check everything that needs no weights: flags, output locations, data, config, tokenizer, layers, vectors.
     if args.method == "full" and args.load_in_4bit:
         raise UserError("--load-in-4bit: 4-bit weights cannot be trained directly; use --method lora (QLoRA)")
+    if args.method == "full":  # the log recorded a --lora-r that shaped nothing
+        safeft.unused_flags(args, build_parser(), ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"],
+                            "with --method full, which trains the weights themselves")
     cuda = torch.cuda.is_available()
     load_in_4bit = args.method == "lora" and (cuda if args.load_in_4bit is None else args.load_in_4bit)
     checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing

@@ -619,6 +619,10 @@ def locate(args, log=print):
     safeft.check_distinct_outputs([(flags[what], path) for what, path in paths.items()])  # --out x.png: the plot's
     for what, path in paths.items():
         safeft.check_output_location(path, args.overwrite, flags[what], inputs=safeft.given_paths(args, "out"))
+    if args.skip_scaling:  # stage 2's settings would shape nothing
+        stage2 = ["scale", "alpha", "scale_direction", "scale_step", "max_scale_steps", "search_radius",
+                  "max_extra_passes", "max_new_tokens", "refusal_phrases"]
+        safeft.unused_flags(args, build_parser(), stage2, "with --skip-scaling, which runs no stage 2")
     if args.alpha is not None:
         print("note: --alpha is now --scale (the layer scale factor; --alpha will go)", file=sys.stderr)
         args.scale = args.alpha

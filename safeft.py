@@ -435,6 +435,17 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False, inputs=()
             pass
 
 
+def unused_flags(args, parser, dests, why, error=False):
+    """Flags given (not at their defaults) that this run ignores: one warning naming them, not silence (error:
+    a UserError naming the first)."""
+    given = [f"--{'no-' if getattr(args, d) is False else ''}{d.replace('_', '-')}"  # --no-load-in-4bit is given
+             for d in dests if getattr(args, d) != parser.get_default(d)]
+    if given and error:
+        raise UserError(f"{given[0]}: not used {why}")
+    if given:
+        print(f"warning: {', '.join(given)} {'is' if len(given) == 1 else 'are'} not used {why}", file=sys.stderr)
+
+
 def given_paths(args, *outputs):
     """(flag, path) of every flag naming an existing file or folder, outputs (their dests) left out."""
     values = [(dest, v) for dest, value in vars(args).items() if dest not in outputs

@@ -170,11 +170,12 @@ def test_a_label_column_picks_no_rows_and_says_so(tiny_llama, tmp_path, capsys):
     assert exit_info.value.code == 2 and "unrecognized arguments: --label-field" in capsys.readouterr().err
 
 
-def test_full_mode_frozen_layers_bit_identical(tiny_llama, task_data, tmp_path):
+def test_full_mode_frozen_layers_bit_identical(tiny_llama, task_data, tmp_path, capsys):
     before = tensors(tiny_llama)
     out = tmp_path / "full"
     run(["--model", tiny_llama, "--data", task_data, "--out", str(out), "--max-steps", "3", "--method", "full",
-         "--freeze-layers", "1-2", "--lr", "1e-3"])
+         "--freeze-layers", "1-2", "--lr", "1e-3", "--lora-r", "64"])
+    assert "warning: --lora-r is not used with --method full" in capsys.readouterr().err  # was silent
     after = tensors(out)
     assert set(after) == set(before)
     for name, weight in before.items():

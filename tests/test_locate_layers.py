@@ -575,9 +575,13 @@ def test_bad_prompt_sets_are_clear_errors(tiny_llama, data_files, tmp_path, caps
 
 def test_duplicates_are_dropped_within_and_across_the_sets(tiny_llama, data_files, tmp_path, capsys):
     normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": p} for p in NORMAL + NORMAL[:3] + MALICIOUS[:2]])
+    with pytest.raises(SystemExit):  # the old spelling still works, with a note (the range then stops the run)
+        ll.main(cli(tiny_llama, data_files, tmp_path / "y.json", "--alpha", "1.2", "--initial-range", "2-9"))
+    assert "--alpha is now --scale" in capsys.readouterr().err
     report = ll.main(cli(tiny_llama, dict(data_files, normal=normal), tmp_path / "x.json", "--skip-scaling",
-                         "--alpha", "1.2"))
-    assert "--alpha is now --scale" in capsys.readouterr().err  # the old spelling still runs, with a note
+                         "--scale", "1.5", "--max-new-tokens", "8"))
+    assert ("warning: --scale, --max-new-tokens are not used with --skip-scaling, which runs no stage 2"
+            in capsys.readouterr().err)  # were ignored without a word
     assert report["data"]["normal"]["rows"] == len(NORMAL) and report["data"]["malicious"]["rows"] == len(MALICIOUS) - 2
     notes = " ".join(report["data"]["notes"])
     assert "dropped 3 duplicate" in notes and "2 prompt(s) found in both" in notes

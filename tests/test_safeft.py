@@ -643,6 +643,19 @@ def test_an_output_that_is_or_holds_an_input_is_refused_with_overwrite(tmp_path)
         h.check_distinct_outputs([("--out", "b.png"), ("--plot", "b.png")])
 
 
+def test_flags_a_run_ignores_are_named(capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None)
+    h.unused_flags(parser.parse_args(["--lora-r", "16"]), parser, ["lora_r", "load_in_4bit"], "here")
+    assert capsys.readouterr().err == ""  # a default, even typed out, is not a setting that goes unused
+    h.unused_flags(parser.parse_args(["--lora-r", "64", "--no-load-in-4bit"]), parser, ["lora_r", "load_in_4bit"],
+                   "with --method full")
+    assert capsys.readouterr().err == "warning: --lora-r, --no-load-in-4bit are not used with --method full\n"
+    with pytest.raises(h.UserError, match="^--lora-r: not used with --compare$"):
+        h.unused_flags(parser.parse_args(["--lora-r", "8"]), parser, ["lora_r"], "with --compare", error=True)
+
+
 def test_a_model_that_is_not_a_causal_lm_is_one_line_from_its_config(tmp_path):
     from transformers import DistilBertConfig
     DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(
