@@ -633,9 +633,13 @@ def _table_records(path):
     if not os.path.isdir(path):
         import pyarrow.parquet
         try:
-            return pyarrow.parquet.read_table(path).to_pylist()
+            table = pyarrow.parquet.read_table(path)
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise UserError(f"{path}: not a readable Parquet file ({e})")
+        # datasets' to_parquet keeps its features (ClassLabel names among them) in the schema's metadata
+        features = json.loads((table.schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {})
+        return _class_names(table.to_pylist(), {k: f.get("names") for k, f in features.get("features", {}).items()
+                                                if isinstance(f, dict) and f.get("_type") == "ClassLabel"})
     import datasets
     try:
         data = datasets.load_from_disk(path)
@@ -649,7 +653,19 @@ def _table_records(path):
             raise UserError(f"{path} holds the splits {', '.join(data)}: give one, e.g. "
                             f"{os.path.join(path, next(iter(data)))}")
         data = next(iter(data.values()))
-    return data.to_list()
+    return _class_names(data.to_list(), {k: f.names for k, f in data.features.items()
+                                         if isinstance(f, datasets.ClassLabel)})
+
+
+def _class_names(records, names):
+    """A class-label column stored as numbers with names (datasets' ClassLabel: XSTest-style 0/1 named safe/unsafe)
+    reads as its names, as the data set itself defines them; read_rows never guesses what a bare number means."""
+    for record in records:
+        for key, labels in names.items():
+            value = record.get(key)
+            if type(value) is int and labels and 0 <= value < len(labels):
+                record[key] = labels[value]
+    return records
 
 
 def _raw_records(path):
@@ -724,9 +740,12 @@ def _raw_records(path):
         # strict: a quote never closed is an error, not every later row swallowed into one cell
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
         start = 1
-        try:
-            header = [h.strip() for h in next(reader, [])]
+        try:  # blank lines before the header are skipped
+            header = [h.strip() for h in next((row for row in reader if any(c.strip() for c in row)), [])]
             start = reader.line_num + 1
+            twice = sorted({h for h in header if h and header.count(h) > 1})
+            if twice:  # a dict keeps the last of two same-named columns: the other would vanish unseen
+                raise UserError(f"{path}:{reader.line_num}: the header names {', '.join(twice)} twice")
             for row in reader:  # a quoted cell may span lines: a row is named by the line it starts on
                 if any(cell.strip() for cell in row):
                     if len(row) != len(header):

@@ -517,3 +517,26 @@ def test_a_response_that_is_not_needed_is_not_required_to_be_text(tmp_path):
     assert read(path)[0]["prompt"] == "who wrote moby dick"  # prompts only: was "field 'answer' is a list"
     with pytest.raises(safeft.UserError, match="field 'answer' is a list, expected text"):
         read(path, need_response=True)
+
+
+def test_class_labels_stored_as_numbers_read_as_their_names(tmp_path):
+    import datasets
+    features = datasets.Features({"prompt": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["safe", "unsafe"])})
+    data = datasets.Dataset.from_dict({"prompt": ["kill a process", "hurt someone"], "label": [0, 1]},
+                                      features=features)
+    data.save_to_disk(str(tmp_path / "folder"))
+    data.to_parquet(str(tmp_path / "x.parquet"))
+    for path in (tmp_path / "folder", tmp_path / "x.parquet"):  # was "label 0 ... is not one of ..."
+        assert [r["prompt"] for r in read(path, label="unsafe")] == ["hurt someone"], path
+    write_parquet(tmp_path / "bare.parquet", [{"prompt": "a", "label": 1}])  # no names: a number is never guessed
+    with pytest.raises(safeft.UserError, match="label 1 in column 'label' is not one of"):
+        read(tmp_path / "bare.parquet", label="unsafe")
+
+
+def test_csv_header_after_blank_lines_and_named_twice(tmp_path):
+    (tmp_path / "lead.csv").write_text("\n\nprompt,response\nA,b\n")  # was "2 columns, header has 0"
+    assert [(r["prompt"], r["line"]) for r in read(tmp_path / "lead.csv")] == [("A", 4)]
+    (tmp_path / "twice.csv").write_text("prompt,prompt,response\nA,B,c\n")  # the first column vanished unseen
+    with pytest.raises(safeft.UserError, match=r"twice.csv:1: the header names prompt twice"):
+        read(tmp_path / "twice.csv")
