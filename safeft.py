@@ -143,7 +143,8 @@ def run_main(procedure, parser, argv, resume_hint=None, one_process=False):
         if one_process and launched_processes() > 1:  # each rank did the whole run; all but one found its output taken
             raise UserError(f"{parser.prog} runs in one process, and was started as {launched_processes()} (torchrun "
                             f"or accelerate launch): start it with python; only the training scripts use several")
-        return procedure(args)
+        with torch.enable_grad():  # a notebook cell may have turned gradients off; a command line starts with them on
+            return procedure(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)

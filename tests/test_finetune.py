@@ -300,6 +300,16 @@ def test_resume_gives_the_same_weights(tiny_llama, task_data, tmp_path, method, 
     assert "--seed" in message and "checkpoint-7" in message  # the newest checkpoint of the folder
 
 
+def test_a_notebook_with_gradients_turned_off_still_trains(tiny_llama, task_data, tmp_path):
+    torch.set_grad_enabled(False)  # left over from an inference cell: the first step was a RuntimeError
+    try:
+        log = run(["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "run"), "--max-steps", "2"])
+        assert not torch.is_grad_enabled()  # the caller's setting is back
+    finally:
+        torch.set_grad_enabled(True)
+    assert log["steps"] == 2 and any(v.abs().sum() > 0 for k, v in tensors(tmp_path / "run").items() if "lora_B" in k)
+
+
 def test_a_failed_run_leaves_no_empty_checkpoint_folder(tiny_llama, task_data, tmp_path, monkeypatch):
     """The Trainer makes --checkpoint-dir when it starts; left empty by a run that failed, it refused the rerun."""
     import transformers
