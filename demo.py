@@ -33,7 +33,15 @@ import subprocess
 import sys
 import time
 
-from safeft import UserError, atomic_file, check_output_location, read_json_file, write_json_atomic, write_text_atomic
+from safeft import (
+    UserError,
+    atomic_file,
+    check_output_location,
+    read_json_file,
+    resolve_model_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TASK_DATA = os.path.join(ROOT, "data", "task_train.jsonl")
@@ -169,10 +177,18 @@ def training_rows(rows, share):
 
 # -- steps: run unless their outputs are there --
 
+def finished(path):
+    """An output that is there and, for a JSON file, reads: one cut short (a full disk, a copy) is made again."""
+    try:
+        return os.path.exists(path) and (not path.endswith(".json") or load_json(path) is not None)
+    except UserError:
+        return False
+
+
 def run_step(key, title, outputs, command, force, times):
-    """Runs one script unless every output already exists; exits on failure with the step named.
+    """Runs one script unless every output is finished; exits on failure with the step named.
     times (key -> seconds) is kept in step_times.json so a report after a restart still has every step."""
-    if not force and all(os.path.exists(p) for p in outputs):
+    if not force and all(finished(p) for p in outputs):
         print(f"[skip] {title}: {', '.join(shown(p) for p in outputs)} already there", flush=True)
         times.setdefault(key, None)  # None: made outside this run, time unknown
         return
@@ -211,12 +227,18 @@ def load_step_times(path):
 
 def check_same_settings(path, settings, force):
     """Finished steps are reused only for the same model and size: a --quick folder must not pass for a full
-    run. Checked before any work starts."""
-    if force or not os.path.exists(path):
+    run. A folder the demo did not make (no demo_settings.json) must be empty: the demo writes REPORT.md and more
+    there. Checked before any work starts; a folder where no step finished yet is the demo's to reuse."""
+    folder = os.path.dirname(path)
+    theirs = sorted(os.listdir(folder)) if os.path.isdir(folder) and not os.path.exists(path) else []
+    if theirs and not force:
+        bad_input(f"--out: {shown(folder)} holds files the demo did not make ({', '.join(theirs[:3])}"
+                  f"{', ...' if len(theirs) > 3 else ''}); choose another --out, or pass --force to write into it")
+    if force or not os.path.exists(path) or not load_step_times(os.path.join(folder, "step_times.json")):
         return
     try:
         before = load_json(path)
-    except ValueError:
+    except UserError:  # cut short: what made the finished steps is unknown
         before = None
     if before != settings:
         bad_input(f"{shown(path)} records another run ({json.dumps(before)}); pass --force to replace it, "
@@ -294,11 +316,14 @@ def main(argv=None):
         if high is not None and max(grid[flag] or [0]) > high:
             parser.error(f"{flag}: every value must be at most {high}, got {value!r}")
     args.model = args.model or size["model"]
-    out = os.path.abspath(args.out or os.path.join("runs", "demo" if args.size == "cpu" else f"demo-{args.size}"))
-    try:  # a file there, or a folder nobody may write in: one line now, not a traceback at the first step
+    default_out = os.path.join("runs", "demo" if args.size == "cpu" else f"demo-{args.size}")
+    out = default_out if args.out is None else args.out
+    try:  # a missing model, a file at --out, a folder nobody may write in: one line now, before anything is written
+        resolve_model_path(args.model)
         check_output_location(out, True, "--out", is_dir=True)
     except UserError as e:
         bad_input(str(e))
+    out = os.path.abspath(out)
     # The size's step flags too: a folder evaluated with another budget must not be reported beside this one.
     settings = {"model": args.model, "size": args.size, "load_in_4bit": args.load_in_4bit,
                 "steps": {part: size[part] for part in ("ll", "sv", "ft", "ev")}}
@@ -664,6 +689,9 @@ def describe_sv(sv):
 if __name__ == "__main__":
     try:
         main()
+    except UserError as err:  # a file of an earlier run that cannot be read, found while reporting
+        print(f"demo: {err}", file=sys.stderr)
+        raise SystemExit(2)
     except (KeyboardInterrupt, Interrupted) as stop:
         where = f" {stop}" if isinstance(stop, Interrupted) else ""
         print(f"\ndemo: interrupted{where}; the finished steps are kept: the same command goes on from there",

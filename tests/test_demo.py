@@ -90,7 +90,8 @@ def test_step_times_are_recorded_and_add_up(demo_run):
 def test_rerun_skips_finished_steps_and_keeps_their_times(demo_run):
     out, _, model = demo_run
     before = json.loads((out / "step_times.json").read_text())
-    os.remove(out / "eval" / "sv-h25-e1.json")
+    evaluation = out / "eval" / "sv-h25-e1.json"  # cut short (a full disk, a copy): it passed for finished before
+    evaluation.write_text(evaluation.read_text()[:100])
     result = run_demo("--quick", "--model", model, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("[skip]") == STEPS - 1
@@ -109,8 +110,16 @@ def test_rerun_skips_finished_steps_and_keeps_their_times(demo_run):
     assert len(rows) == STEPS and all(value.startswith("unknown") for _, value in rows)
 
 
-def test_a_failing_step_stops_the_demo_and_names_it(tmp_path):
+def test_a_failing_step_stops_the_demo_and_names_it(tiny_llama, tmp_path):
+    # A model that does not exist is one line before anything is written (it was step 1's failure, after the
+    # demo had recorded its settings, so the rerun with the right --model was refused as "another run").
     result = run_demo("--quick", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "run"))
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and line == f"demo: --model: {tmp_path / 'no-such-model'} does not exist"
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "no-weights").mkdir()  # a model folder that only fails when its weights load
+    (tmp_path / "no-weights" / "config.json").write_text((Path(tiny_llama) / "config.json").read_text())
+    result = run_demo("--quick", "--model", str(tmp_path / "no-weights"), "--out", str(tmp_path / "run"))
     assert result.returncode != 0
     assert f"step '1/{STEPS} locate the safety layers' failed" in result.stderr
     assert not (tmp_path / "run" / "REPORT.md").exists()
@@ -259,3 +268,19 @@ def test_an_unusable_out_folder_is_one_line_before_any_work(tmp_path):
         [line] = result.stderr.strip().splitlines()  # one line, no traceback
         assert result.returncode == 2 and line.startswith("demo: --out: ") and message in line, line
     assert (tmp_path / "a-file").read_text() == "mine"
+    result = run_demo("--quick", "--out", "")  # was the default folder, which the user never named
+    assert result.returncode == 2 and result.stderr.strip() == "demo: --out: no path given"
+    theirs = tmp_path / "theirs"  # a folder the demo did not make: its REPORT.md and step_times.json were replaced
+    theirs.mkdir()
+    (theirs / "REPORT.md").write_text("my own report")
+    result = run_demo("--quick", "--out", str(theirs))
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "holds files the demo did not make (REPORT.md)" in line and "--force" in line
+    assert os.listdir(theirs) == ["REPORT.md"] and (theirs / "REPORT.md").read_text() == "my own report"
+    cut = tmp_path / "cut"  # a demo folder whose settings file was cut short: a traceback before
+    cut.mkdir()
+    (cut / "step_times.json").write_text('{"locate the safety layers": 1.0}')
+    (cut / "demo_settings.json").write_text('{"model": "x", ')
+    result = run_demo("--quick", "--out", str(cut))
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "demo_settings.json records another run (null)" in line
