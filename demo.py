@@ -228,13 +228,13 @@ def load_step_times(path):
 def check_same_settings(path, settings, force):
     """Finished steps are reused only for the same model and size: a --quick folder must not pass for a full
     run. A folder the demo did not make (no demo_settings.json) must be empty: the demo writes REPORT.md and more
-    there. Checked before any work starts; a folder where no step finished yet is the demo's to reuse."""
+    there. Checked before any work starts."""
     folder = os.path.dirname(path)
     theirs = sorted(os.listdir(folder)) if os.path.isdir(folder) and not os.path.exists(path) else []
     if theirs and not force:
         bad_input(f"--out: {shown(folder)} holds files the demo did not make ({', '.join(theirs[:3])}"
                   f"{', ...' if len(theirs) > 3 else ''}); choose another --out, or pass --force to write into it")
-    if force or not os.path.exists(path) or not load_step_times(os.path.join(folder, "step_times.json")):
+    if force or not os.path.exists(path):
         return
     try:
         before = load_json(path)
