@@ -500,8 +500,9 @@ def evaluate(args):
 
     # 2. Outputs: every problem with them found now, before the config (a .gguf is converted to read it) and the work.
     name, out, md_out = output_paths(args)
+    inputs = safeft.given_paths(args, "out", "compare")
     for path in (out, md_out):
-        safeft.check_output_location(path, args.overwrite, inputs=safeft.given_paths(args, "out", "compare"))
+        safeft.check_output_location(path, args.overwrite, inputs=inputs)
 
     # 3. Check against the model without its weights: adapters against the config, the settings they recorded,
     # the template against the data, the task's loss examples.

@@ -338,8 +338,7 @@ def finetune(args):
     root = checkpoint_root(args)
     # The Trainer makes its folder at the start, so --out would no longer be new when the result is moved there
     # (and --overwrite would delete the checkpoints with the old --out).
-    out, inner = (os.path.normcase(os.path.realpath(p)) for p in (args.out, root))
-    if inner == out or inner.startswith(out.rstrip(os.sep) + os.sep):
+    if safeft.path_within(root, args.out):
         raise UserError(f"--checkpoint-dir: {root} is --out {args.out} or inside it; give --checkpoint-dir a "
                         f"folder outside --out")
     root_existed = os.path.exists(root)  # only new checkpoints need a free folder; a file is refused either way

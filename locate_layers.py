@@ -617,8 +617,9 @@ def locate(args, log=print):
     # 1. Everything the flags, the data, the config and the tokenizer can tell, before the weights load.
     flags = {what: "--out" + ("" if what == "json" else f" (its {what} file)") for what in paths}
     safeft.check_distinct_outputs([(flags[what], path) for what, path in paths.items()])  # --out x.png: the plot's
+    inputs = safeft.given_paths(args, "out")
     for what, path in paths.items():
-        safeft.check_output_location(path, args.overwrite, flags[what], inputs=safeft.given_paths(args, "out"))
+        safeft.check_output_location(path, args.overwrite, flags[what], inputs=inputs)
     if args.skip_scaling:  # stage 2's settings would shape nothing
         stage2 = ["scale", "alpha", "scale_direction", "scale_step", "max_scale_steps", "search_radius",
                   "max_extra_passes", "max_new_tokens", "refusal_phrases"]

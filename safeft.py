@@ -401,11 +401,10 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False, inputs=()
             raise UserError(f"{flag}: {path} exists and is a {'folder' if os.path.isdir(path) else 'file'}")
         if not overwrite:
             raise UserError(f"{flag}: {path} already exists (pass --overwrite to replace it)")
-        target = os.path.realpath(path)
         for input_flag, input_path in inputs:
-            held = os.path.realpath(input_path)
-            if held == target or held.startswith(target.rstrip(os.sep) + os.sep):
-                raise UserError(f"{flag}: {path} {'is' if held == target else 'holds'} {input_flag} {input_path}, "
+            if path_within(input_path, path):
+                same = os.path.realpath(input_path) == os.path.realpath(path)
+                raise UserError(f"{flag}: {path} {'is' if same else 'holds'} {input_flag} {input_path}, "
                                 f"which --overwrite would delete; write the output elsewhere")
     parent = os.path.dirname(os.path.abspath(path))
     existing = parent
@@ -434,6 +433,12 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False, inputs=()
                 shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
         except OSError:  # PermissionError: it runs, as another user
             pass
+
+
+def path_within(path, folder):
+    """Whether path is folder or lies inside it, links followed (a sibling folder-2 is not inside folder)."""
+    path, folder = (os.path.normcase(os.path.realpath(p)) for p in (path, folder))
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def unused_flags(args, parser, dests, why, error=False):
@@ -763,7 +768,7 @@ def _raw_records(path):
 
 def _conversation(value, key, where):
     """A TRL (role/content) or ShareGPT (from/value) message list as [{"role", "content"}]."""
-    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+    if not _is_conversation(value):
         raise UserError(f"{where}: field '{key}' is {_kind(value)}, expected a list of messages")
     messages = []
     for i, message in enumerate(value, 1):
@@ -1052,8 +1057,8 @@ def load_config(model):
     """--model's config without its weights, so layer ranges, adapters and templates are checked before the
     long load. A hub id that is not in the local cache is a one-line error (this machine may be offline)."""
     from transformers import AutoConfig
-    path = local_model_dir(model)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    path = local_model_dir(model)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
