@@ -788,7 +788,7 @@ def _row(where, number, record, prompt_key, response_key, chat_key, need_respons
     if isinstance(record, str):  # a line of text, or a string in a JSON list
         record, prompt_key, response_key, chat_key = {"prompt": record}, "prompt", None, None
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {'null' if record is None else _kind(record)}")
     row = {"prompt": None, "input": None, "messages": None, "response": None, "label": None, "line": number,
            "where": where, "fields": record}
     key = chat_key or prompt_key

@@ -363,6 +363,8 @@ def test_exact_duplicate_prompts_are_dropped_with_a_note(tmp_path, capsys):
     ('{"text": "x"}\n', "no prompt field found"),
     ('{"prompt": "ok"}\n{"prompt": ""}\n', r"d.jsonl:2: empty or missing prompt"),
     ('[1, 2]\n', "expected a JSON object"),
+    ('{"prompt": "ok"}\nnull\n', r"d.jsonl:2: expected a JSON object, got null$"),  # was "got NoneType"
+    ('{"prompt": "ok"}\n7\n', r"d.jsonl:2: expected a JSON object, got a number$"),  # was "got int"
 ])
 def test_bad_files_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "d.jsonl"
