@@ -311,7 +311,8 @@ def read_eval_file(path):
 
 
 def comparison_mismatches(runs, paths):
-    """What differs between runs that share a part: data, rows, token budget, refusal phrases, rules, template."""
+    """What differs between runs that share a part: data and the fields read from it, rows, token budget, refusal
+    phrases, rules, template."""
     problems, first = [], {}
     for run, path in zip(runs, paths):
         s = run["settings"]
@@ -319,7 +320,10 @@ def comparison_mismatches(runs, paths):
             data = s["data"][part]
             if not (run["summary"][part] and data):
                 continue
-            key = {"data sha256": data["sha256"], "rows": run["summary"][part]["n"],
+            # the same file read by another field is other prompts (the response field only names task answers)
+            key = {"data sha256": data["sha256"], "prompt field": s.get("prompt_field"),
+                   "response field": s.get("response_field") if part == "task" else None,
+                   "label field": None if part == "task" else s.get("label_field"), "rows": run["summary"][part]["n"],
                    "max new tokens": s["task_max_new_tokens" if part == "task" else "max_new_tokens"],
                    "refusal phrases": None if part == "task" else s["refusal_phrases"]["sha256"],
                    "rules": None if part == "task" else s["rules_sha256"], "template": s["template"]}
@@ -406,7 +410,7 @@ def read_parts(args):
         if path:
             parts[part] = safeft.read_rows(path, args.prompt_field, args.response_field, limit=args.limit,
                                            flag=flag, label=label, label_field=args.label_field)
-            data[part] = {"path": path, "sha256": safeft.sha256_file(path) if os.path.isfile(path) else None,
+            data[part] = {"path": path, "sha256": safeft.sha256_file(path),  # a datasets folder too
                           "rows": len(parts[part]), "label": label, "notes": list(parts[part].notes)}
     for row in parts["task"] or []:
         row["reference"] = reference_answer(row)

@@ -592,7 +592,7 @@ def read_prompt_sets(args):
         sets[name] = safeft.read_rows(path, args.prompt_field, args.response_field, limit=args.limit,
                                       flag="--" + name.replace("_", "-"), label=label, label_field=args.label_field)
         notes += sets[name].notes
-        data[name] = {"path": path, "sha256": safeft.sha256_file(path) if os.path.isfile(path) else None}
+        data[name] = {"path": path, "sha256": safeft.sha256_file(path)}  # a datasets folder too
     keys = {name: [json.dumps(safeft.prompt_messages(row)) for row in sets[name]] for name in ("normal", "malicious")}
     both = set(keys["normal"]) & set(keys["malicious"])
     if both:
