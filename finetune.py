@@ -329,6 +329,8 @@ def finetune(args):
     if args.method == "full":  # the log recorded a --lora-r that shaped nothing
         safeft.unused_flags(args, build_parser(), ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"],
                             "with --method full, which trains the weights themselves")
+    if not args.save_every:
+        safeft.unused_flags(args, build_parser(), ["keep_checkpoints"], "without --save-every, which keeps none")
     cuda = torch.cuda.is_available()
     load_in_4bit = args.method == "lora" and (cuda if args.load_in_4bit is None else args.load_in_4bit)
     checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing

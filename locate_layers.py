@@ -627,6 +627,9 @@ def locate(args, log=print):
     if args.alpha is not None:
         print("note: --alpha is now --scale (the layer scale factor; --alpha will go)", file=sys.stderr)
         args.scale = args.alpha
+    if args.scale != "auto" and not args.skip_scaling:
+        safeft.unused_flags(args, build_parser(), ["scale_step", "max_scale_steps"],
+                            f"with a fixed --scale {args.scale:g} (only --scale auto steps)")
     if args.bootstrap < 100:
         raise UserError(f"--bootstrap: {args.bootstrap} resamples cannot give 95% intervals; use at least 100")
     if args.scale == "auto" and args.scale_step * args.max_scale_steps >= 1 and args.scale_direction != "up":

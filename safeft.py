@@ -740,7 +740,7 @@ def _raw_records(path):
     elif ext in (".csv", ".tsv"):  # always a header, also with one column: a headerless file would lose its first row
         # A .tsv is tab-separated, and Excel in many locales writes ';' CSV: the header's separator is the file's
         # (read as one prompt per line, such a file made its header line a prompt and its columns one text).
-        header_line = text.split("\n", 1)[0]
+        header_line = next((line for line in text.split("\n") if line.strip()), "")
         delimiter = "\t" if ext == ".tsv" else next((d for d in ",;\t" if d in header_line), ",")
         csv.field_size_limit(max(csv.field_size_limit(), 2 ** 31 - 1))  # a long answer is one cell (default 128 KB)
         # strict: a quote never closed is an error, not every later row swallowed into one cell

@@ -539,6 +539,9 @@ def test_class_labels_stored_as_numbers_read_as_their_names(tmp_path):
 def test_csv_header_after_blank_lines_and_named_twice(tmp_path):
     (tmp_path / "lead.csv").write_text("\n\nprompt,response\nA,b\n")  # was "2 columns, header has 0"
     assert [(r["prompt"], r["line"]) for r in read(tmp_path / "lead.csv")] == [("A", 4)]
+    for separator in ";\t":  # the separator is the header line's, not the blank first line's (read as ',')
+        (tmp_path / "lead.csv").write_text(f"\n \nprompt{separator}response\nA{separator}b\n")
+        assert [(r["prompt"], r["response"]) for r in read(tmp_path / "lead.csv")] == [("A", "b")]
     (tmp_path / "twice.csv").write_text("prompt,prompt,response\nA,B,c\n")  # the first column vanished unseen
     with pytest.raises(safeft.UserError, match=r"twice.csv:1: the header names prompt twice"):
         read(tmp_path / "twice.csv")

@@ -674,6 +674,21 @@ def test_a_bad_flag_value_is_one_line_not_the_usage_block(script, capsys):
     assert err[0].startswith(f"{script}.py: error: argument --seed: must be >= 0")
 
 
+@pytest.mark.parametrize("script, flags, warning", [  # each was ignored without a word
+    ("finetune", ["--keep-checkpoints", "5"], "--keep-checkpoints is not used without --save-every"),
+    ("train_sv", ["--check-limit", "0", "--check-max-new-tokens", "9"],
+     "--check-max-new-tokens is not used with --check-limit 0"),
+    ("locate_layers", ["--scale", "1.2", "--scale-step", "0.1"], "--scale-step is not used with a fixed --scale 1.2"),
+    ("evaluate", ["--skip-task", "--task-max-new-tokens", "9"], "--task-max-new-tokens is not used without the task"),
+    ("evaluate", ["--no-response-loss", "--max-length", "64"], "--max-length is not used with --no-response-loss"),
+])
+def test_flags_a_script_ignores_get_a_warning(script, flags, warning, tmp_path, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):  # the missing model stops the run after the flags are checked
+        module.main([*flags, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out")])
+    assert f"warning: {warning}" in capsys.readouterr().err
+
+
 def test_leftovers_of_a_killed_run_are_removed(tmp_path, monkeypatch):
     """kill -9 while saving leaves .tmp-<pid>-<host>-* behind; the next run's check removes those of dead processes
     on this host, and leaves another host's alone (a shared file system: its pid means nothing here) and another
