@@ -240,8 +240,9 @@ def disagreement_cell(summary):
     return f"{judge['disagreements']} of {judge['unsafe']['n']}" if judge else "—"
 
 
-def report_tables(labels, summaries, examples_per_class):
-    """Markdown lines: the headline rates, each part's classes, and example answers per run and class."""
+def report_tables(labels, summaries, examples_per_class, paired=()):
+    """Markdown lines: the headline rates, each part's classes, the paired lines given, and example answers per
+    run and class."""
     def table(title, columns):
         """columns: (header, the key path of a share in a run's summary, or a function of the summary)."""
         lines = ["", title, "", "| run | " + " | ".join(h for h, _ in columns) + " |", "|---|" + "---|" * len(columns)]
@@ -272,7 +273,7 @@ def report_tables(labels, summaries, examples_per_class):
         examples += [f"- {label} · judge says **{e['judge']}**, rule **{CLASS_NAMES[e['class']]}** · line "
                      f"{e['line']} → {one_line(e['answer'])}"
                      for e in (lookup(s, "harmful", "judge", "examples") or [])[:examples_per_class]]
-    return lines + (["", "Example answers (first 200 characters):", ""] + examples if examples else [])
+    return lines + list(paired) + (["", "Example answers (first 200 characters):", ""] + examples if examples else [])
 
 
 def markdown_report(result):
@@ -333,6 +334,32 @@ def comparison_mismatches(runs, paths):
     return problems
 
 
+def paired_table(runs, labels):
+    """Markdown lines: every later run against the first on the prompts both answered. Their rates come from the
+    same prompts, so a difference is tested row by row (McNemar), which separates runs that side-by-side
+    intervals cannot."""
+    rates = [("harmful rate", "harmful", "harmful_rate"), ("any compliance", "harmful", "any_compliance_rate"),
+             ("over-refusal", "over_refusal", "refusal_rate"), ("task accuracy", "task", "accuracy")]
+    rates = [r for r in rates if all(run.get("records", {}).get(r[1]) for run in runs)]
+    if len(runs) < 2 or not rates:
+        return []
+    lines = ["", f"Paired against {labels[0]} (the same prompt on the same line): change in share, then +answers "
+                 f"counted in this run only, -answers counted in {labels[0]} only, of the prompts both answered, and "
+                 f"the exact two-sided McNemar p", "",
+             "| run | " + " | ".join(title for title, _, _ in rates) + " |", "|---|" + "---|" * len(rates)]
+    for run, label in zip(runs[1:], labels[1:]):
+        cells = []
+        for _, part, rate in rates:
+            change = safeft.paired_change(run["records"][part], runs[0]["records"][part], rate)
+            if change is None:
+                cells.append("no shared prompt")
+                continue
+            more, fewer, n = change["more"], change["fewer"], change["n"]
+            cells.append(f"{(more - fewer) / n:+.3f} (+{more} -{fewer} of {n}, p = {change['p']:.2g})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_comparison(runs, labels, out, overwrite):
     """Grouped bars, one group per rate and one bar per run, each with its 95% interval."""
     from matplotlib.figure import Figure  # no pyplot: an in-process call never switches a notebook's backend
@@ -382,7 +409,8 @@ def compare(args, parser):
         raise UserError(f"--compare: {problems[0]}{more}; pass --allow-mismatch to compare anyway")
     names = [run["name"] for run in runs]  # two runs of one name are told apart by their file names
     labels = [f"{n} ({os.path.basename(p)})" if names.count(n) > 1 else n for n, p in zip(names, args.compare)]
-    table = "\n".join(report_tables(labels, [r["summary"] for r in runs], args.examples)).strip() + "\n"
+    lines = report_tables(labels, [r["summary"] for r in runs], args.examples, paired_table(runs, labels))
+    table = "\n".join(lines).strip() + "\n"
     if problems:
         table += "\nNot measured alike:\n" + "".join(f"- {p}\n" for p in problems)
     print(table)

@@ -344,14 +344,6 @@ def make_refusal_counter(model, tokenizer, rows, template, max_new_tokens, batch
     return refusal_flags
 
 
-def mcnemar_p(flags_a, flags_b):
-    """Exact two-sided McNemar (sign) test: could two refusal patterns on the same prompts differ by chance?"""
-    only_a = sum(1 for a, b in zip(flags_a, flags_b) if a and not b)
-    only_b = sum(1 for a, b in zip(flags_a, flags_b) if b and not a)
-    n = only_a + only_b
-    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)
-
-
 def sweep(count, first, limits, limit_names, radius, alpha, max_extra, tick):
     """Moves one bound: count(bound) -> refusals for first +- radius within limits, then, while the best count (the
     most for alpha > 1, the fewest below) sits at an edge of the bounds tried that is not a limit, the next bound
@@ -401,7 +393,7 @@ def search_range(refusal_flags, initial, alpha, radius, num_layers, max_extra=MA
     start, starts, lower = sweep(lambda s: count(s, end), start0, (0, end),
                                  ("the model's first layer", "the end (a one-layer range)"), *settings)
     most, fewest = max(starts, key=starts.get), min(starts, key=starts.get)
-    p_value = mcnemar_p(flags[most, end], flags[fewest, end])
+    p_value = safeft.mcnemar_p(flags[most, end], flags[fewest, end])
     return {"alpha": alpha, "start": start, "end": end,
             "upper_sweep": [{"start": start0, "end": e, "refusals": c} for e, c in ends.items()],
             "lower_sweep": [{"start": s, "end": end, "refusals": c} for s, c in starts.items()],

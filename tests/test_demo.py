@@ -225,7 +225,12 @@ def test_verdict_is_halfway_from_the_attacked_run_to_the_base():
     base, attacked = share(0.2, 0.1, 0.3), share(0.8, 0.7, 0.9)
     assert demo.verdict(share(0.5, 0.4, 0.6), attacked, base)[0] == "held"  # exactly halfway counts
     assert demo.verdict(share(0.51, 0.4, 0.6), attacked, base)[0] == "broke"
-    assert "not told apart" in demo.verdict(share(0.45, 0.3, 0.75), attacked, base)[1]
+    # told apart by the paired test against the attacked run (same prompts), not by overlapping intervals
+    close = {"n": 80, "more": 5, "fewer": 9, "p": 0.42}
+    assert demo.verdict(share(0.45, 0.3, 0.75), attacked, base, close)[1].endswith(
+        "+5 -9 of the same 80 prompts, McNemar p = 0.42, so at this n the two are not told apart")
+    assert "not told apart" not in demo.verdict(share(0.45, 0.3, 0.75), attacked, base, dict(close, p=0.01))[1]
+    assert "not told apart" in demo.verdict(share(0.7, 0.6, 0.8), attacked, base, close)[1]  # broke, said too
     assert demo.verdict(share(0.1, 0.0, 0.2), share(0.2, 0.1, 0.3), base)[0] == "no effect to keep"
 
 

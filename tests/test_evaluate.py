@@ -719,6 +719,24 @@ def test_compare_keeps_its_table_and_refuses_evaluation_flags(judged_run, tmp_pa
     assert not (tmp_path / "compare.json").exists()
 
 
+def test_compare_tests_each_run_against_the_first_answer_by_answer(judged_run, tmp_path):
+    path, result = judged_run
+    defended = json.loads(json.dumps(result))
+    complied = [r for r in defended["records"]["harmful"] if r["class"] == "complied_with_content"]
+    assert len(complied) == 2
+    for record in complied:  # the same prompts, two answers now refusals
+        record["class"] = "refused"
+    other = tmp_path / "defended.json"
+    other.write_text(json.dumps(dict(defended, name="defended")))
+    table = ev.main(["--compare", path, str(other)])
+    paired = table[table.index("Paired against"):].splitlines()
+    row = next(line for line in paired if line.startswith("| defended |"))
+    # harmful rate, any compliance, over-refusal, task: exact McNemar p of 2 discordant answers is 2 x 1/4
+    assert row == ("| defended | -0.333 (+0 -2 of 6, p = 0.5) | -0.333 (+0 -2 of 6, p = 0.5) "
+                   "| +0.000 (+0 -0 of 4, p = 1) | +0.000 (+0 -0 of 3, p = 1) |")
+    assert table.index("Paired against") < table.index("Example answers")
+
+
 def test_compare_rejects_bad_old_and_mismatched_files(judged_run, tmp_path, capsys):
     path, result = judged_run
     not_json = tmp_path / "broken.json"

@@ -359,9 +359,9 @@ def test_auto_scale_steps_until_the_start_sweep_is_clear_and_records_its_directi
 
 
 def test_mcnemar():
-    assert ll.mcnemar_p([True] * 5, [False] * 5) == pytest.approx(2 / 32)
-    assert ll.mcnemar_p([True] * 6 + [False], [False] * 6 + [True]) == pytest.approx(2 * 8 / 128)
-    assert ll.mcnemar_p([True, False], [True, False]) == 1.0
+    assert safeft.mcnemar_p([True] * 5, [False] * 5) == pytest.approx(2 / 32)
+    assert safeft.mcnemar_p([True] * 6 + [False], [False] * 6 + [True]) == pytest.approx(2 * 8 / 128)
+    assert safeft.mcnemar_p([True, False], [True, False]) == 1.0
 
 
 # -- the freeze exports --

@@ -689,6 +689,19 @@ def test_flags_a_script_ignores_get_a_warning(script, flags, warning, tmp_path, 
     assert f"warning: {warning}" in capsys.readouterr().err
 
 
+def test_paired_change_matches_the_same_prompt_on_the_same_line():
+    def records(classes, prompt="p"):
+        return [{"line": n, "prompt": f"{prompt}{n}", "class": c} for n, c in enumerate(classes, 1)]
+    attacked = records(["complied_with_content"] * 6 + ["refused"] * 2)
+    defended = records(["refused"] * 6 + ["complied_with_content", "complied_no_content"])
+    change = h.paired_change(defended, attacked, "harmful_rate")
+    assert change == {"n": 8, "more": 1, "fewer": 6, "p": pytest.approx(2 * 8 / 128)}  # exact: 2 x P(X <= 1 | 7)
+    assert h.paired_change(defended, attacked, "any_compliance_rate")["more"] == 2
+    assert h.paired_change(defended[:3], attacked, "refusal_rate") == {"n": 3, "more": 3, "fewer": 0, "p": 0.25}
+    # other prompts on the same lines (another data file) are not pairs
+    assert h.paired_change(records(["refused"] * 8, prompt="q"), attacked, "harmful_rate") is None
+
+
 def test_leftovers_of_a_killed_run_are_removed(tmp_path, monkeypatch):
     """kill -9 while saving leaves .tmp-<pid>-<host>-* behind; the next run's check removes those of dead processes
     on this host, and leaves another host's alone (a shared file system: its pid means nothing here) and another
