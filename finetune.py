@@ -3,8 +3,8 @@
 Two published defences, each one flag away, usable together:
 * SPPFT (Li et al., "Safety Layers in Aligned Large Language Models", ICLR 2025, arXiv 2408.17003):
   --freeze-layers keeps the safety layers found by locate_layers.py fixed. With --method full their attention and
-  MLP weights get no gradient (norms, embeddings and the other layers train, as in the paper); with --method lora
-  no LoRA module is placed on them (PEFT's layers_to_transform).
+  MLP weights get no gradient (the blocks' norms, embeddings and the other layers train, as in the authors' code);
+  with --method lora no LoRA module is placed on them (PEFT's layers_to_transform).
 * Security vectors (Zhou et al., "Making Harmful Behaviors Unlearnable for LLMs", arXiv 2311.02105):
   --security-vectors DIR loads train_sv.py's adapter and keeps it active and frozen (no dropout) in every training
   forward, so harmful examples in the data are already "learned" and carry little gradient. It is removed before
@@ -170,6 +170,9 @@ def attach_adapters(model, args, targets, frozen, vectors):
     if args.method == "lora":
         keep = [i for i in range(len(safeft.decoder_layers(model))) if i not in frozen]
         config = safeft.lora_config(args, targets, layers_to_transform=keep if frozen else None)
+        # The task adapter starts from --seed alone: loading the vectors drew random numbers (PEFT initialises an
+        # adapter before loading its weights), and runs with and without them started from different weights.
+        safeft.set_seed(args.seed)
         if vectors:
             model.add_adapter(TASK_ADAPTER, config)
             model.base_model.set_adapter([SV_ADAPTER, TASK_ADAPTER])  # both active in every forward

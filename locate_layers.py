@@ -12,7 +12,7 @@ the start fixed the end moves over +-k layers (--search-radius); while the best 
 tried, the end moves on that way, one layer at a time, until the best is interior (a worse count on both sides), the
 model's first/last layer is reached or --max-extra-passes is spent. Then the start moves the same way. Scale > 1
 keeps the most refusals, < 1 the fewest; --scale auto picks the direction from the unscaled model's refusals and
-steps the factor until the start's sweep is clear (McNemar p < 0.05). Each candidate costs one generation pass over
+steps the factor until the start's sweep is clear (permutation p < 0.05). Each candidate costs one generation pass over
 the over-rejection prompts; the JSON records every candidate, each sweep's outcome and the cost.
 
 Outputs: safety_layers.json (safety-layers/v1; docs/qwen-coder-0.5b_safety_layers.json is one), a .png of the
@@ -49,7 +49,7 @@ DEFAULT_MALICIOUS = safeft.repo_path("data/harmful_train.jsonl")
 DEFAULT_OVER_REJECTION = safeft.repo_path("data/over_rejection.jsonl")
 DEFAULT_OUT = "runs/safety_layers.json"
 PAIRS = 500              # pairs per type, as in the paper
-BOOTSTRAP = 1000         # resamples of the pairs behind every 95% interval of the gap
+BOOTSTRAP = 1000         # resamples of the prompts behind every 95% interval of the gap
 MIN_PROMPTS = 4          # distinct prompts per stage-1 set: fewer give at most 3 normal-normal pairs, no statistics
 SEARCH_RADIUS = 3        # the paper's first window: each bound moves up to 3 layers either way
 MAX_EXTRA_PASSES = 8     # candidates a sweep may add beyond its first window while its best sits at an edge
@@ -57,10 +57,12 @@ SCALE_STEP = 0.05        # --scale auto tries 1 +- 0.05 n (the paper used 1.2 an
 MAX_SCALE_STEPS = 4      # ... for n = 1..4
 MAX_NEW_TOKENS = 16      # as the paper's code: room for "As an AI language model, I cannot" (8 cut it)
 BATCH_SIZE = 32          # prompts per forward pass
-CLEAR_P = 0.05           # "clear" for --scale auto: exact two-sided McNemar test
+CLEAR_P = 0.05           # "clear" for --scale auto: a permutation test of the start candidates' spread ...
+PERMUTATIONS = 10000     # ... with this many shuffles (its p is then within about 0.005 of the exact one at 0.05)
 HIDDEN_STATES = ("raw output of each decoder block (forward hooks on decoder_layers(model)[i]; the last layer "
                  "without the final norm), at the last prompt token; embedding output skipped")
-INITIAL_RANGE_RULE = ("95% intervals from a bootstrap over the pairs; early layers = the first max(2, round(K/10)); "
+INITIAL_RANGE_RULE = ("95% intervals from a bootstrap over the prompts (each pair weighted by how often both "
+                      "its prompts were drawn); early layers = the first max(2, round(K/10)); "
                       "threshold = their highest upper bound (noise) + their widest interval (margin); start = the "
                       "first later layer whose lower bound exceeds the threshold, as does the next layer's or the one "
                       "after it (one noisy layer tolerated); from start the range steps on while the next layer's gap "
@@ -199,20 +201,25 @@ def pair_cosines(states_first, states_second, first, second):
 
 def cosine_statistics(normal_states, malicious_states, pairs, seed, resamples=BOOTSTRAP):
     """Per-layer cosine mean ("nn", "nm", "mm") and std ("nn_std", ...) of the three pair types, their mean angle
-    ("angle_nn_deg", ...), the angle gap NM - NN in degrees and [resamples, K] bootstrap gaps (the NN and NM pairs
-    resampled with replacement)."""
+    ("angle_nn_deg", ...), the angle gap NM - NN in degrees and [resamples, K] bootstrap gaps."""
     rng, states = np.random.default_rng(seed), {"n": normal_states, "m": malicious_states}
     index = {kind: sample_pairs(len(states[kind[0]]), len(states[kind[1]]), pairs, rng, kind[0] == kind[1])
              for kind in ("nn", "nm", "mm")}
     cosines = {kind: pair_cosines(states[kind[0]], states[kind[1]], *index[kind]) for kind in index}
     angles = {kind: np.degrees(np.arccos(c)) for kind, c in cosines.items()}
-    weights = {kind: rng.multinomial(len(angles[kind]), np.full(len(angles[kind]), 1 / len(angles[kind])),
-                                     size=resamples) / len(angles[kind]) for kind in ("nn", "nm")}
+    # The prompts are resampled, not the pairs: a prompt sits in many pairs, and pairs resampled as if independent
+    # gave intervals about 30% too narrow. A pair counts as often as both its prompts were drawn.
+    draws = {k: rng.multinomial(len(states[k]), np.full(len(states[k]), 1 / len(states[k])), size=resamples)
+             for k in states}
+    weights = {kind: draws[kind[0]][:, index[kind][0]] * draws[kind[1]][:, index[kind][1]] for kind in ("nn", "nm")}
+    kept = (weights["nn"].sum(1) > 0) & (weights["nm"].sum(1) > 0)  # a draw of tiny sets may leave a type no pair
+    mean_angle = {kind: weights[kind][kept] @ angles[kind] / weights[kind][kept].sum(1, keepdims=True)
+                  for kind in weights}
     return {"pairs_used": {kind: int(len(index[kind][0])) for kind in index},
             **{kind: c.mean(0) for kind, c in cosines.items()}, **{f"{k}_std": c.std(0) for k, c in cosines.items()},
             **{f"angle_{kind}_deg": a.mean(0) for kind, a in angles.items()},
             "gap_deg": angles["nm"].mean(0) - angles["nn"].mean(0),
-            "gap_boot": weights["nm"] @ angles["nm"] - weights["nn"] @ angles["nn"]}
+            "gap_boot": mean_angle["nm"] - mean_angle["nn"]}
 
 
 def early_layer_count(num_layers):
@@ -379,6 +386,22 @@ def sweep(count, first, limits, limit_names, radius, alpha, max_extra, tick):
                                                   "searched": [low, high], "extra_passes": extra}
 
 
+def spread_p(flags):
+    """Permutation p of the spread (most minus fewest refusals) among candidates run on the same prompts. With no
+    difference between them a prompt's outcomes are exchangeable across candidates, so they are shuffled within each
+    prompt; p = the share of shuffles whose spread reaches the observed one. A test of the two extremes alone
+    (picked after seeing the counts) passed noise as clear: with 7 equal candidates about 1 run in 4."""
+    table = np.array(flags, dtype=np.int8)  # candidates x prompts
+    observed = int(np.ptp(table.sum(1)))
+    mixed = table[:, table.min(0) != table.max(0)]  # a prompt all candidates agree on adds the same to every count
+    if observed == 0 or len(table) < 2:
+        return 1.0
+    rng = np.random.default_rng(0)  # the same p for the same flags, run to run
+    shuffled = rng.permuted(np.broadcast_to(mixed, (PERMUTATIONS, *mixed.shape)), axis=1).sum(2, dtype=np.int32)
+    reached = int((shuffled.max(1) - shuffled.min(1) >= observed).sum())
+    return (1 + reached) / (1 + PERMUTATIONS)
+
+
 def search_range(refusal_flags, initial, alpha, radius, num_layers, max_extra=MAX_EXTRA_PASSES, tick=lambda: None):
     """The paper's search at one alpha: the end moves with the start fixed, then the start with the best end."""
     (start0, end0), flags = initial, {}
@@ -393,7 +416,7 @@ def search_range(refusal_flags, initial, alpha, radius, num_layers, max_extra=MA
     start, starts, lower = sweep(lambda s: count(s, end), start0, (0, end),
                                  ("the model's first layer", "the end (a one-layer range)"), *settings)
     most, fewest = max(starts, key=starts.get), min(starts, key=starts.get)
-    p_value = safeft.mcnemar_p(flags[most, end], flags[fewest, end])
+    p_value = spread_p([flags[s, end] for s in starts])
     return {"alpha": alpha, "start": start, "end": end,
             "upper_sweep": [{"start": start0, "end": e, "refusals": c} for e, c in ends.items()],
             "lower_sweep": [{"start": s, "end": end, "refusals": c} for s, c in starts.items()],
@@ -437,7 +460,7 @@ def scaling_search(counter, initial, num_layers, args, log=print):
     passes = 1 + len({(row["start"], row["end"], a["alpha"]) for a in attempts
                       for row in a["upper_sweep"] + a["lower_sweep"]})
     if not attempt["clear"]:
-        log(f"stage 2: the start's sweep is not clear (McNemar p = {attempt['p_value']:.3g} >= {CLEAR_P}) at scale "
+        log(f"stage 2: the start's sweep is not clear (permutation p = {attempt['p_value']:.3g} >= {CLEAR_P}) at scale "
             f"{attempt['alpha']:g}: the bounds it picked are weakly supported")
     return {
         "skipped": False, "alpha": attempt["alpha"], "alpha_mode": "auto" if scale == "auto" else "fixed",
@@ -445,8 +468,8 @@ def scaling_search(counter, initial, num_layers, args, log=print):
                       "chosen_by": chosen_by},
         "queries": queries, "baseline_refusals": baseline,
         **{k: v for k, v in attempt.items() if k not in ("alpha", "start", "end")},
-        "clear_rule": f"exact two-sided McNemar test between the start candidates with the most and the fewest "
-                      f"refusals, p < {CLEAR_P}",
+        "clear_rule": f"permutation test of the spread (most minus fewest refusals) among the start candidates, "
+                      f"each prompt's outcomes shuffled across them ({PERMUTATIONS} shuffles), p < {CLEAR_P}",
         "search_radius": args.search_radius, "max_extra_passes": args.max_extra_passes, "attempts": attempts,
         "cost": {"generation_passes": passes, "prompts_generated": passes * queries,
                  "model_forward_calls": getattr(counter, "forwards", None),
@@ -470,7 +493,7 @@ def refusal_examples(rows, refusal_flags, safety, alpha):
 def freeze_exports(model, safety, about):
     """What PEFT, axolotl and any full fine-tune need to leave the safety layers as finetune.py does: LoRA only on
     the other layers; in a full fine-tune every parameter trains except the safety layers' attention and MLP
-    weights (their norms train, as in the paper). Checked against this model's parameter names."""
+    weights (the blocks' own norms train, as in the authors' code). Checked against this model's parameter names."""
     blocks = safeft.decoder_layers(model)
     path = next(name for name, module in model.named_modules() if module is blocks)  # e.g. model.layers
     safe = list(range(safety[0], safety[1] + 1))
@@ -552,7 +575,7 @@ def plot_results(path, report, overwrite):
         ax_sweep.axhline(scaling["baseline_refusals"], color="gray", ls="--", label="unscaled model")
         ax_sweep.set(xlabel="the moving bound (layer; filled: first window, hollow: beyond it)",
                      ylabel=f"refusals of {scaling['queries']} over-rejection prompts")
-        ax_sweep.set_title(f"scaling search at {scaling['alpha']:g} ({scaling['alpha_mode']}), McNemar p = "
+        ax_sweep.set_title(f"scaling search at {scaling['alpha']:g} ({scaling['alpha_mode']}), permutation p = "
                            f"{scaling['p_value']:.3g}", fontsize=9)
         # layers and refusals are whole numbers, and a count is never negative (all-zero sweeps drew -0.04..0.04)
         ax_sweep.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -689,7 +712,7 @@ def locate(args, log=print):
         scaling = scaling_search(counter, initial, num_layers, args, log)
         if args.strict and args.scale == "auto" and not scaling["clear"]:
             raise UserError(f"--strict: no scale up to {scaling['alpha']:g} separates the start candidates clearly "
-                            f"(McNemar p = {scaling['p_value']:.3g})")
+                            f"(permutation p = {scaling['p_value']:.3g})")
         safety, source = tuple(scaling["result"].values()), f"scaling search at scale {scaling['alpha']:g}"
         scaling.update(max_new_tokens=args.max_new_tokens,
                        refusal_phrases=args.refusal_phrases or f"built-in ({len(safeft.REFUSAL_PHRASES)} phrases)",
@@ -768,7 +791,7 @@ def build_parser():
     stage2.add_argument("--scale", type=scale_value, default="auto",
                         help="factor for the candidate layers' projections (> 1: keep the most refusals, < 1: the "
                              "fewest), or auto: 1 +- --scale-step, stepping until the start's sweep is clear "
-                             "(McNemar p < 0.05)")
+                             "(permutation p < 0.05)")
     stage2.add_argument("--alpha", type=scale_value, default=None, help=argparse.SUPPRESS)  # the old --scale
     stage2.add_argument("--scale-direction", default="auto", choices=("auto", "up", "down"),
                         help="for --scale auto: up (> 1) or down (< 1); auto = down when the unscaled model refuses "

@@ -1140,9 +1140,10 @@ def decoder_layers(model):
 
 
 def sppft_frozen_weights(block):
-    """(name, parameter) of a decoder block that SPPFT freezes: its attention and MLP weights; its norms still
-    train, as in the paper (Li et al. 2025). finetune.py --method full and locate_layers' exports use this rule."""
-    norms = {id(p) for m in block.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
+    """(name, parameter) of a decoder block that SPPFT freezes: everything inside its attention and MLP (Qwen3's
+    and Gemma 3's q/k norms too); the block's own norms still train, as in the authors' SPPFT code (Li et al.
+    2025). finetune.py --method full and locate_layers' exports use this rule."""
+    norms = {id(p) for _, m in block.named_children() if "norm" in type(m).__name__.lower() for p in m.parameters()}
     return [(name, p) for name, p in block.named_parameters() if id(p) not in norms]
 
 

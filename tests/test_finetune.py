@@ -243,6 +243,23 @@ def test_security_vectors_active_and_frozen_in_every_forward_and_absent_from_out
     assert log["trainable_parameters"] == json.loads((plain / "train_log.json").read_text())["trainable_parameters"]
 
 
+def test_the_task_adapter_starts_the_same_with_or_without_vectors(sharp_llama, security_vectors):
+    """Loading the vectors drew random numbers, so at one --seed the task adapter of a run with vectors started
+    from other weights than the run without: a comparison of the two mixed the vectors with a different start."""
+    args = ft.build_parser().parse_args(["--model", sharp_llama, "--lora-dropout", "0"])
+    args.lr = 1e-4
+    starts = []
+    for vectors in (None, security_vectors):
+        model = safeft.load_model(sharp_llama)
+        targets = safeft.pick_target_modules(model, args.lora_target_modules)
+        vectors = vectors and safeft.find_adapter(vectors, "--security-vectors")
+        model = ft.attach_adapters(model, args, targets, [], vectors)
+        starts.append({n.replace("base_model.model.", ""): p.detach().clone() for n, p in model.named_parameters()
+                       if ".default." in n})
+    assert starts[0].keys() == starts[1].keys() and len(starts[0]) > 0
+    assert all(torch.equal(starts[0][n], starts[1][n]) for n in starts[0])
+
+
 def test_security_vectors_lower_harmful_loss_and_gradient(sharp_llama, harmful_data, security_vectors, tmp_path):
     common = ["--model", sharp_llama, "--data", harmful_data, "--max-steps", "1", "--lora-dropout", "0"]
     without = run(common + ["--out", str(tmp_path / "a")])

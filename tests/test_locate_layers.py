@@ -364,6 +364,37 @@ def test_mcnemar():
     assert safeft.mcnemar_p([True, False], [True, False]) == 1.0
 
 
+def test_the_gap_interval_covers_the_spread_from_prompt_to_prompt():
+    """Every prompt brings its own offset to all its pairs. Resampling pairs as if independent gave a bootstrap
+    spread 0.57x the gap's real spread over fresh draws of the prompts; resampling prompts gives 1.15x here."""
+    rng, width = np.random.default_rng(5), 16
+    direction = np.r_[np.ones(width // 2), -np.ones(width // 2)]
+    gaps, spreads = [], []
+    for draw in range(40):
+        normal = np.ones(width) + rng.normal(0, 1, (30, width))
+        malicious = np.ones(width) + 0.6 * direction + rng.normal(0, 1, (30, width))
+        stats = ll.cosine_statistics(normal[:, None].astype(np.float32), malicious[:, None].astype(np.float32),
+                                     pairs=200, seed=draw, resamples=200)
+        gaps.append(stats["gap_deg"][0])
+        spreads.append(stats["gap_boot"][:, 0].std())
+    assert 0.85 < np.mean(spreads) / np.std(gaps) < 1.6
+
+
+def test_the_spread_test_holds_its_level_with_many_candidates():
+    """McNemar between the candidates with the most and the fewest refusals, picked after seeing the counts, called
+    noise clear: 7 candidates with the same refusal chance per prompt were 'clear' in about 1 run of 4."""
+    rng = np.random.default_rng(1)
+    clear = 0
+    for _ in range(40):  # 7 candidates, 150 prompts, each prompt's refusal chance shared by every candidate
+        chance = rng.uniform(0, 1, 150)
+        flags = rng.uniform(0, 1, (7, 150)) < chance
+        clear += ll.spread_p(flags) < ll.CLEAR_P
+    assert clear <= 6  # 5% of 40 is 2 (and 2 it is); the old rule called 12 of these 40 clear
+    planted = np.tile(rng.uniform(0, 1, 150) < 0.4, (7, 1))
+    planted[3, :30] = True  # one candidate refuses 30 prompts more, the others agree
+    assert ll.spread_p(planted) < 0.001 and ll.spread_p(planted[:, 30:]) == 1.0
+
+
 # -- the freeze exports --
 
 def axolotl_trainable(patterns, names):
@@ -591,7 +622,7 @@ def test_help_says_what_is_read_and_the_old_flag_still_works(tiny_llama, data_fi
     with pytest.raises(SystemExit):
         ll.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "forward hooks" in text and "raw" in text and "McNemar" in text and "--skip-scaling" in text
+    assert "forward hooks" in text and "raw" in text and "permutation p" in text and "--skip-scaling" in text
     assert "plateau" in text and "--max-extra-passes" in text and "--alpha" not in text
     args = ll.build_parser().parse_args(["--alpha", "0.8"])
     assert args.alpha == 0.8 and args.scale == "auto"  # locate() moves it over to --scale, with a note

@@ -689,6 +689,19 @@ def test_flags_a_script_ignores_get_a_warning(script, flags, warning, tmp_path, 
     assert f"warning: {warning}" in capsys.readouterr().err
 
 
+def test_sppft_freezes_all_of_attention_and_mlp_and_trains_the_blocks_norms():
+    from transformers import LlamaConfig, Qwen3Config
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    for config in (LlamaConfig(**shape), Qwen3Config(**shape, head_dim=8)):
+        block = h.decoder_layers(h.meta_model(config))[0]
+        frozen = {name for name, _ in h.sppft_frozen_weights(block)}
+        trained = {name for name, _ in block.named_parameters()} - frozen
+        assert trained == {"input_layernorm.weight", "post_attention_layernorm.weight"}
+        assert all(name.startswith(("self_attn.", "mlp.")) for name in frozen)
+    assert {"self_attn.q_norm.weight", "self_attn.k_norm.weight"} <= frozen  # Qwen3's: trained before
+
+
 def test_paired_change_matches_the_same_prompt_on_the_same_line():
     def records(classes, prompt="p"):
         return [{"line": n, "prompt": f"{prompt}{n}", "class": c} for n, c in enumerate(classes, 1)]
