@@ -51,7 +51,7 @@ DEFAULT_OUT = "runs/safety_layers.json"
 PAIRS = 500              # pairs per type, as in the paper
 BOOTSTRAP = 1000         # resamples of the prompts behind every 95% interval of the gap
 MIN_PROMPTS = 4          # distinct prompts per stage-1 set: fewer give at most 3 normal-normal pairs, no statistics
-SEARCH_RADIUS = 3        # the paper's first window: each bound moves up to 3 layers either way
+SEARCH_RADIUS = 3        # the first window: each bound moves up to 3 layers either way
 MAX_EXTRA_PASSES = 8     # candidates a sweep may add beyond its first window while its best sits at an edge
 SCALE_STEP = 0.05        # --scale auto tries 1 +- 0.05 n (the paper used 1.2 and 0.8) ...
 MAX_SCALE_STEPS = 4      # ... for n = 1..4
@@ -208,7 +208,8 @@ def cosine_statistics(normal_states, malicious_states, pairs, seed, resamples=BO
     cosines = {kind: pair_cosines(states[kind[0]], states[kind[1]], *index[kind]) for kind in index}
     angles = {kind: np.degrees(np.arccos(c)) for kind, c in cosines.items()}
     # The prompts are resampled, not the pairs: a prompt sits in many pairs, and pairs resampled as if independent
-    # gave intervals about 30% too narrow. A pair counts as often as both its prompts were drawn.
+    # gave intervals 0.57x as wide as the gap really varies (a simulation in the tests). A pair counts as often as
+    # both its prompts were drawn.
     draws = {k: rng.multinomial(len(states[k]), np.full(len(states[k]), 1 / len(states[k])), size=resamples)
              for k in states}
     weights = {kind: draws[kind[0]][:, index[kind][0]] * draws[kind[1]][:, index[kind][1]] for kind in ("nn", "nm")}
@@ -390,7 +391,7 @@ def spread_p(flags):
     """Permutation p of the spread (most minus fewest refusals) among candidates run on the same prompts. With no
     difference between them a prompt's outcomes are exchangeable across candidates, so they are shuffled within each
     prompt; p = the share of shuffles whose spread reaches the observed one. A test of the two extremes alone
-    (picked after seeing the counts) passed noise as clear: with 7 equal candidates about 1 run in 4."""
+    (picked after seeing the counts) passed noise as clear: 12 of 40 simulated sweeps of 7 equal candidates."""
     table = np.array(flags, dtype=np.int8)  # candidates x prompts
     observed = int(np.ptp(table.sum(1)))
     mixed = table[:, table.min(0) != table.max(0)]  # a prompt all candidates agree on adds the same to every count
