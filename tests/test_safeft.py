@@ -676,6 +676,7 @@ def test_a_bad_flag_value_is_one_line_not_the_usage_block(script, capsys):
 
 @pytest.mark.parametrize("script, flags, warning", [  # each was ignored without a word
     ("finetune", ["--keep-checkpoints", "5"], "--keep-checkpoints is not used without --save-every"),
+    ("train_sv", ["--resume", "old-vectors", "--lora-r", "4"], "--lora-r is not used with --resume"),
     ("train_sv", ["--check-limit", "0", "--check-max-new-tokens", "9"],
      "--check-max-new-tokens is not used with --check-limit 0"),
     ("locate_layers", ["--scale", "1.2", "--scale-step", "0.1"], "--scale-step is not used with a fixed --scale 1.2"),
