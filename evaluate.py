@@ -517,14 +517,15 @@ def evaluate(args):
     for flag in ("--plot", "--allow-mismatch"):
         if getattr(args, flag[2:].replace("-", "_")):
             raise UserError(f"{flag}: only with --compare")
+    parser = build_parser()  # its defaults tell a flag the run ignores from one left alone
     if not args.judge_model:
-        safeft.unused_flags(args, build_parser(), ["judge_unsafe_labels", "judge_input"], "without --judge-model")
+        safeft.unused_flags(args, parser, ["judge_unsafe_labels", "judge_input"], "without --judge-model")
     parts, data = read_parts(args)
     if not parts["task"]:
-        safeft.unused_flags(args, build_parser(), ["task_max_new_tokens", "max_length", "response_loss"],
+        safeft.unused_flags(args, parser, ["task_max_new_tokens", "max_length", "response_loss"],
                             "without the task part")
     elif not args.response_loss:
-        safeft.unused_flags(args, build_parser(), ["max_length"], "with --no-response-loss")
+        safeft.unused_flags(args, parser, ["max_length"], "with --no-response-loss")
     if args.judge_model and not parts["harmful"]:
         raise UserError("--judge-model: nothing to judge, the harmful part is skipped")
     # Curly apostrophes read as straight: the same phrases typed either way give the same recorded hash.

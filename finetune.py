@@ -329,11 +329,11 @@ def finetune(args):
     # 1. Check everything that needs no weights: flags, output locations, data, config, tokenizer, layers, vectors.
     if args.method == "full" and args.load_in_4bit:
         raise UserError("--load-in-4bit: 4-bit weights cannot be trained directly; use --method lora (QLoRA)")
+    parser = build_parser()  # its defaults tell a flag the run ignores from one left alone
     if args.method == "full":  # the log recorded a --lora-r that shaped nothing
-        safeft.unused_flags(args, build_parser(), ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"],
-                            "with --method full, which trains the weights themselves")
+        safeft.unused_flags(args, parser, safeft.LORA_FLAGS, "with --method full, which trains the weights themselves")
     if not args.save_every:
-        safeft.unused_flags(args, build_parser(), ["keep_checkpoints"], "without --save-every, which keeps none")
+        safeft.unused_flags(args, parser, ["keep_checkpoints"], "without --save-every, which keeps none")
     cuda = torch.cuda.is_available()
     load_in_4bit = args.method == "lora" and (cuda if args.load_in_4bit is None else args.load_in_4bit)
     checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing

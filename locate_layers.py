@@ -395,7 +395,7 @@ def spread_p(flags):
     table = np.array(flags, dtype=np.int8)  # candidates x prompts
     observed = int(np.ptp(table.sum(1)))
     mixed = table[:, table.min(0) != table.max(0)]  # a prompt all candidates agree on adds the same to every count
-    if observed == 0 or len(table) < 2:
+    if observed == 0:  # one candidate, or all alike
         return 1.0
     rng = np.random.default_rng(0)  # the same p for the same flags, run to run
     shuffled = rng.permuted(np.broadcast_to(mixed, (PERMUTATIONS, *mixed.shape)), axis=1).sum(2, dtype=np.int32)

@@ -271,6 +271,7 @@ def add_common_args(parser, out_default, bound, label_field=True):
 
 
 # The flags of add_training_args (and --max-steps) that shape the weights: both training scripts record them.
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")  # the adapter's shape
 TRAINING_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lr", "lr_schedule", "warmup_ratio", "weight_decay",
                   "max_grad_norm", "epochs", "max_steps", "micro_batch_size", "grad_accum", "max_length")
 
@@ -1676,10 +1677,9 @@ def is_refusal(text, phrases=REFUSAL_PHRASES):
 
 # -- paired comparison: two runs answered the same prompts, so their difference is tested row by row --
 
-def mcnemar_p(flags_a, flags_b):
-    """Exact two-sided McNemar (sign) test: could two yes/no patterns on the same prompts differ by chance?"""
-    only_a = sum(1 for a, b in zip(flags_a, flags_b, strict=True) if a and not b)
-    only_b = sum(1 for a, b in zip(flags_a, flags_b, strict=True) if b and not a)
+def mcnemar_p(only_a, only_b):
+    """Exact two-sided McNemar (sign) test on the discordant pairs of two yes/no patterns on the same prompts (only_a:
+    yes in the first only, only_b: in the second only): could they differ by chance?"""
     n = only_a + only_b
     return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)
 
@@ -1699,6 +1699,5 @@ def paired_change(records, reference, rate):
     pairs = [(counted(r), theirs[r["line"], r["prompt"]]) for r in records if (r["line"], r["prompt"]) in theirs]
     if not pairs:
         return None
-    mine, ref = zip(*pairs)
-    return {"n": len(pairs), "more": sum(a and not b for a, b in pairs), "fewer": sum(b and not a for a, b in pairs),
-            "p": mcnemar_p(mine, ref)}
+    more, fewer = sum(a and not b for a, b in pairs), sum(b and not a for a, b in pairs)
+    return {"n": len(pairs), "more": more, "fewer": fewer, "p": mcnemar_p(more, fewer)}

@@ -250,11 +250,11 @@ def run(args):
     # (the check's too: one the template cannot render is found now, not after training).
     if args.keep_weight is not None and not args.keep_data:
         raise UserError("--keep-weight needs --keep-data (the benign prompts the KL term is computed on)")
+    parser = build_parser()  # its defaults tell a flag the run ignores from one left alone
     if args.resume:  # the vectors continue as their adapter was made: its rank, alpha, dropout and targets
-        safeft.unused_flags(args, build_parser(), ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"],
-                            "with --resume, which continues the vectors' own adapter")
+        safeft.unused_flags(args, parser, safeft.LORA_FLAGS, "with --resume, which continues the vectors' own adapter")
     if not args.check_limit:
-        safeft.unused_flags(args, build_parser(), ["check_data", "check_max_new_tokens", "eval_batch_size"],
+        safeft.unused_flags(args, parser, ["check_data", "check_max_new_tokens", "eval_batch_size"],
                             "with --check-limit 0, which runs no check")
     # --resume may be --out: its vectors are read before the new ones replace them
     inputs = safeft.given_paths(args, "out", "resume")

@@ -359,9 +359,9 @@ def test_auto_scale_steps_until_the_start_sweep_is_clear_and_records_its_directi
 
 
 def test_mcnemar():
-    assert safeft.mcnemar_p([True] * 5, [False] * 5) == pytest.approx(2 / 32)
-    assert safeft.mcnemar_p([True] * 6 + [False], [False] * 6 + [True]) == pytest.approx(2 * 8 / 128)
-    assert safeft.mcnemar_p([True, False], [True, False]) == 1.0
+    assert safeft.mcnemar_p(5, 0) == pytest.approx(2 / 32)  # 5 prompts yes in the first only
+    assert safeft.mcnemar_p(6, 1) == pytest.approx(2 * 8 / 128)
+    assert safeft.mcnemar_p(0, 0) == 1.0
 
 
 def test_the_gap_interval_covers_the_spread_from_prompt_to_prompt():
