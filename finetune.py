@@ -264,11 +264,11 @@ def resume_hint(args, argv):
     return f"kept {last}; continue with: {launcher} {shlex.join([script] + words + ['--resume', last])}"
 
 
-def run_settings(args, frozen, load_in_4bit, template, targets, data_sha256, processes):
-    """What shapes the weights, by flag: each checkpoint keeps it, and a --resume that differs is told which flag."""
+def run_settings(args, frozen, load_in_4bit, template, targets, data_sha256, vectors_sha256, processes):
+    """What shapes the weights, by flag: each checkpoint keeps it, and a --resume that differs is told which flag.
+    The vectors by their weights' hash, not their path: retrained into the same folder, they are other vectors."""
     return {"--model": args.model, "--data (sha256)": data_sha256, "--method": args.method, "--freeze-layers": frozen,
-            "--load-in-4bit": load_in_4bit, "--template": template,
-            "--security-vectors": os.path.abspath(args.security_vectors) if args.security_vectors else None,
+            "--load-in-4bit": load_in_4bit, "--template": template, "--security-vectors (sha256)": vectors_sha256,
             "--lora-target-modules": targets if args.method == "lora" else None,
             "--prompt-field": args.prompt_field, "--response-field": args.response_field,
             "processes (torchrun --nproc_per_node)": processes,
@@ -276,8 +276,8 @@ def run_settings(args, frozen, load_in_4bit, template, targets, data_sha256, pro
 
 
 def train_log(args, trainer, result, model, *, config, load_in_4bit, template, freeze, frozen, num_layers, targets,
-              rows, examples, data_sha256, processes, checkpointing, active, vectors_unchanged, trainable,
-              tokens_before, peak, resume, root):
+              rows, examples, data_sha256, vectors_sha256, processes, checkpointing, active, vectors_unchanged,
+              trainable, tokens_before, peak, resume, root):
     """train_log.json: what made the result (flags as the user gave them, data hash, versions) and how it went
     (per-step losses from the Trainer's log history, tokens/s, peak memory)."""
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -286,7 +286,7 @@ def train_log(args, trainer, result, model, *, config, load_in_4bit, template, f
         "format": LOG_FORMAT, "model": args.model, "fingerprint": safeft.model_fingerprint(config),
         "method": args.method, "load_in_4bit": load_in_4bit, "template": template,
         "freeze_layers": {k: freeze[k] for k in ("start", "end", "source")} if freeze else None,
-        "frozen_layers": frozen, "security_vectors": args.security_vectors,
+        "frozen_layers": frozen, "security_vectors": args.security_vectors, "security_vectors_sha256": vectors_sha256,
         "security_vectors_unchanged": vectors_unchanged, "active_adapters_during_training": active,
         "data": args.data, "data_sha256": data_sha256, "rows": len(rows), "examples": len(examples),
         "data_notes": list(rows.notes),
@@ -378,7 +378,8 @@ def finetune(args):
         save_total_limit=args.keep_checkpoints or None, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if args.group_by_length else "random")
     processes, data_sha256 = training_args.world_size, safeft.sha256_file(args.data)
-    settings = run_settings(args, frozen, load_in_4bit, template, targets, data_sha256, processes)
+    vectors_sha256 = safeft.sha256_file(vectors["weights"]) if vectors else None
+    settings = run_settings(args, frozen, load_in_4bit, template, targets, data_sha256, vectors_sha256, processes)
     resume = find_checkpoint(args.resume, settings, processes) if args.resume else None
     tokens_before = safeft.read_json_file(os.path.join(resume, "trainer_state.json"), "--resume").get(
         "num_input_tokens_seen", 0) if resume else 0
@@ -422,9 +423,9 @@ def finetune(args):
         model = drop_security_vectors(model, args.method)
     log = train_log(args, trainer, result, model, config=config, load_in_4bit=load_in_4bit, template=template,
                     freeze=freeze, frozen=frozen, num_layers=num_layers, targets=targets, rows=rows,
-                    examples=examples, data_sha256=data_sha256, processes=processes, checkpointing=checkpointing,
-                    active=active, vectors_unchanged=vectors_unchanged, trainable=trainable,
-                    tokens_before=tokens_before, peak=peak, resume=resume, root=root)
+                    examples=examples, data_sha256=data_sha256, vectors_sha256=vectors_sha256, processes=processes,
+                    checkpointing=checkpointing, active=active, vectors_unchanged=vectors_unchanged,
+                    trainable=trainable, tokens_before=tokens_before, peak=peak, resume=resume, root=root)
 
     # 6. Save (process 0): the adapter or the model with train_log.json, refused if --out appeared meanwhile.
     if trainer.is_world_process_zero():

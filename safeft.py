@@ -1256,7 +1256,7 @@ def find_adapter(path, flag, config=None, template=None, made_by=None):
     if os.path.isfile(weights[0]):  # after what the JSON files say: a fine-tune given as vectors is told as such
         check_safetensors(weights[0], flag)
     return {"path": path, "adapter_dir": adapter_dir, "config": adapter_config, "meta": meta, "meta_file": meta_file,
-            "fingerprint_checked": checked}
+            "fingerprint_checked": checked, "weights": next(file for file in weights if os.path.isfile(file))}
 
 
 def check_safetensors(path, flag):

@@ -3,6 +3,7 @@ of the output, resume is exact, two processes match one, bad input is one line b
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -315,6 +316,23 @@ def test_resume_gives_the_same_weights(tiny_llama, task_data, tmp_path, method, 
     message = one_line_error(capsys, ["--seed", "1", "--lr", "5e-3", "--micro-batch-size", "4", "--grad-accum", "2"]
                              + common + ["--out", str(tmp_path / "other"), "--resume", str(checkpoints)])
     assert "--seed" in message and "checkpoint-7" in message  # the newest checkpoint of the folder
+
+
+def test_resume_refuses_vectors_retrained_into_the_same_folder(sharp_llama, task_data, security_vectors, tmp_path,
+                                                                capsys):
+    """The vectors count by their weights, not their folder's name: other vectors at the same path would train
+    the rest of the run against another adapter than its first steps."""
+    vectors = tmp_path / "sv"
+    shutil.copytree(security_vectors, vectors)
+    common = ["--model", sharp_llama, "--data", task_data, "--max-steps", "2", "--security-vectors", str(vectors)]
+    log = run(common + ["--out", str(tmp_path / "whole"), "--save-every", "1"])
+    assert log["security_vectors_sha256"] == safeft.sha256_file(str(vectors / "adapter_model.safetensors"))
+    weights = load_file(vectors / "adapter_model.safetensors")
+    save_file({name: tensor * 1.01 for name, tensor in weights.items()}, vectors / "adapter_model.safetensors")
+    message = one_line_error(capsys, ["--seed", "0", "--lr", "5e-3", "--micro-batch-size", "4", "--grad-accum", "2"]
+                             + common + ["--out", str(tmp_path / "resumed"),
+                                         "--resume", str(tmp_path / "whole-checkpoints" / "checkpoint-1")])
+    assert "--security-vectors (sha256)" in message
 
 
 def test_a_notebook_with_gradients_turned_off_still_trains(tiny_llama, task_data, tmp_path):
