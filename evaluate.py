@@ -252,12 +252,12 @@ def report_tables(labels, summaries, examples_per_class, paired=()):
         return lines
 
     has = {part: any(s.get(part) for s in summaries) for part in PARTS}
-    columns = [("harmful rate (with content)", ("harmful", "harmful_rate")),
-               ("any compliance", ("harmful", "any_compliance_rate"))] * has["harmful"]
+    rate = {name: (title, (part, key)) for name, (title, part, key) in safeft.RATES.items()}
+    columns = [rate["harmful"], rate["compliance"]] * has["harmful"]
     if any(lookup(s, "harmful", "judge") for s in summaries):
         columns += [("judge: unsafe", ("harmful", "judge", "unsafe")), ("judge ≠ rule", disagreement_cell)]
-    columns += [("over-refusal", ("over_refusal", "refusal_rate"))] * has["over_refusal"]
-    columns += [("task accuracy", ("task", "accuracy")), ("response loss", loss_cell)] * has["task"]
+    columns += [rate["over_refusal"]] * has["over_refusal"]
+    columns += [rate["task"], ("response loss", loss_cell)] * has["task"]
     lines = table("Rates: share [95% Wilson interval] count/n", columns)
     for part, what in (("harmful", "Harmful-prompt"), ("over_refusal", "Benign-prompt")):
         if has[part]:
@@ -338,9 +338,7 @@ def paired_table(runs, labels):
     """Markdown lines: every later run against the first on the prompts both answered. Their rates come from the
     same prompts, so a difference is tested row by row (McNemar), which separates runs that side-by-side
     intervals cannot."""
-    rates = [("harmful rate", "harmful", "harmful_rate"), ("any compliance", "harmful", "any_compliance_rate"),
-             ("over-refusal", "over_refusal", "refusal_rate"), ("task accuracy", "task", "accuracy")]
-    rates = [r for r in rates if all(run.get("records", {}).get(r[1]) for run in runs)]
+    rates = [r for r in safeft.RATES.values() if all(run.get("records", {}).get(r[1]) for run in runs)]
     if len(runs) < 2 or not rates:
         return []
     lines = ["", f"Paired against {labels[0]} (the same prompt on the same line): change in share, then +answers "
@@ -363,10 +361,8 @@ def paired_table(runs, labels):
 def plot_comparison(runs, labels, out, overwrite):
     """Grouped bars, one group per rate and one bar per run, each with its 95% interval."""
     from matplotlib.figure import Figure  # no pyplot: an in-process call never switches a notebook's backend
-    metrics = [("harmful rate\n(with content)", "harmful", "harmful_rate"),
-               ("any compliance", "harmful", "any_compliance_rate"), ("over-refusal", "over_refusal", "refusal_rate"),
-               ("template echo\n(benign prompts)", "over_refusal", "template_echo"),
-               ("task accuracy", "task", "accuracy")]
+    metrics = [(title.replace(" (", "\n("), part, key) for title, part, key in safeft.RATES.values()]
+    metrics.insert(3, ("template echo\n(benign prompts)", "over_refusal", "template_echo"))
     fig = Figure(figsize=(4 + 1.4 * len(metrics) + 0.3 * len(runs), 4.5), layout="tight")
     ax = fig.subplots()
     width = 0.8 / len(runs)
