@@ -1,13 +1,14 @@
 """Benchmark finetune.py against transformers' Trainer + peft with the standard full-logits loss.
 
-CPU section (always): the same base model (default: the embedded SmolLM2-135M), data, LoRA, micro-batch,
-learning-rate schedule and number of steps, trained by finetune.py and by a plain `Trainer` on a peft model
-(right padding, DataCollatorForSeq2Seq, the model's own loss over logits at every position). Each run is its own
-subprocess; its peak RSS is counted from the start of training (the load's brief peak left out). Both sides are
-timed by the same Trainer callback: non-padding input tokens per second over every step but the first (one-time
-allocations), and per CPU-second of the process (steadier when other jobs share the CPU). A second baseline
-gives the Trainer length grouping too, the sampler finetune.py uses by default, which leaves the loss (LM head
-only on answer positions) and left padding as the difference.
+CPU section (always; on a GPU host it runs on the GPU, in the mixed precision finetune.py uses, and its rows say
+so): the same base model (default: the embedded SmolLM2-135M), data, LoRA, micro-batch, learning-rate schedule and
+number of steps, trained by finetune.py and by a plain `Trainer` on a peft model (right padding,
+DataCollatorForSeq2Seq, the model's own loss over logits at every position). Each run is its own subprocess; its
+peak RSS is counted from the start of training (the load's brief peak left out). Both sides are timed by the same
+Trainer callback: non-padding input tokens per second over every step but the first (one-time allocations), and
+per CPU-second of the process (steadier when other jobs share the CPU). A second baseline gives the Trainer length
+grouping too, the sampler finetune.py uses by default, which leaves the loss (LM head only on answer positions)
+and left padding as the difference.
 
 GPU section (--gpu, only with CUDA): finetune.py on a randomly initialised model of Llama-2-7B's shape in 4-bit
 NF4 with LoRA r=16 on every projection, sequence 512, micro-batch 4, gradient checkpointing: peak GPU memory and
@@ -126,6 +127,8 @@ def child_trainer(cfg):
         gradient_accumulation_steps=1, max_steps=cfg["steps"], learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available(), seed=0, remove_unused_columns=False, disable_tqdm=True,
+        # the mixed precision ours trains under (safeft.training_arguments): on a GPU the two must compare alike
+        bf16=safeft.native_bf16(), fp16=torch.cuda.is_available() and not safeft.native_bf16(),
         dataloader_pin_memory=False, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if cfg.get("group_by_length") else "random")
     clock = step_clock()
@@ -215,6 +218,7 @@ def head_prediction(model, data):
 def cpu_rows(quick, model, threads):
     """Ours and the baselines alternate (A B C A B C) so a busy machine slows each alike; tokens/s is the best
     round of each, peak RSS the worst round of each."""
+    import torch
     size = QUICK if quick else FULL
     tmp = tempfile.mkdtemp(prefix="bench_finetune_")
     runs = {"ours": [], "Trainer": [], "Trainer group_by_length": []}
@@ -234,9 +238,10 @@ def cpu_rows(quick, model, threads):
     best = {name: max(r["tokens_per_s"] for r in results) for name, results in runs.items()}
     best_cpu = {name: max(r["tokens_per_cpu_s"] for r in results) for name, results in runs.items()}
     peak = {name: max(r["peak_rss_mb"] for r in results) for name, results in runs.items()}
-    setting = (f"{model}, LoRA r{LORA['r']}, micro-batch {size['micro_batch_size']}, {size['steps']} steps, CPU "
-               f"{threads or os.environ.get('OMP_NUM_THREADS') or os.cpu_count()} threads, best/worst of "
-               f"{size['rounds']}")
+    device = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else \
+        f"CPU {threads or os.environ.get('OMP_NUM_THREADS') or os.cpu_count()} threads"
+    setting = (f"{model}, LoRA r{LORA['r']}, micro-batch {size['micro_batch_size']}, {size['steps']} steps, "
+               f"{device}, best/worst of {size['rounds']}")
     rows = []
     for name in ("Trainer", "Trainer group_by_length"):
         rows += [

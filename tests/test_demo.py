@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,41 @@ def test_rerun_skips_finished_steps_and_keeps_their_times(demo_run):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = step_rows((out / "REPORT.md").read_text())
     assert len(rows) == STEPS and all(value.startswith("unknown") for _, value in rows)
+
+
+def test_a_step_whose_input_was_made_again_runs_again(demo_run, tmp_path):
+    """A fine-tune over remade vectors or other training rows, and the evaluation of a remade fine-tune, run again:
+    each was skipped because its own outputs were there, and the report paired new adapters with old numbers."""
+    out, _, model = demo_run
+    mine = tmp_path / "run"
+    shutil.copytree(out, mine)
+    os.remove(mine / "security_vectors" / "sv_meta.json")  # the vectors to be trained again
+    with open(mine / "data" / "train-h00.jsonl", "a") as f:  # the control's rows, edited
+        f.write('{"prompt": "one more", "response": "row"}\n')
+    result = run_demo("--quick", "--model", model, "--out", str(mine))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ran = [line.split(" ", 1)[1].split(":")[0] for line in re.findall(r"^\[run \] (.+)$", result.stdout, flags=re.M)]
+    assert ran == ["train security vectors", "fine-tune lora-h00-e1", "evaluate lora-h00-e1",
+                   "fine-tune sv-h25-e1", "evaluate sv-h25-e1", "fine-tune both-h25-e1", "evaluate both-h25-e1"]
+    assert (mine / "data" / "train-h00.jsonl").read_text() == "\n".join(demo.training_rows(8, 0)) + "\n"
+    assert json.loads((mine / "demo_settings.json").read_text())["lr"] == demo.SIZES["quick"]["lr"]
+
+
+def test_force_over_another_runs_folder_removes_its_steps(tmp_path):
+    """--force replaces another run's folder: its cells go, or a later run without --force took them for its own."""
+    path = tmp_path / "demo_settings.json"
+    path.write_text(json.dumps({"model": "m", "size": "quick", "lr": "5e-4"}))
+    for made in ("ft/lora-h25-e2", "eval", "data", "security_vectors"):
+        (tmp_path / made).mkdir(parents=True)
+    (tmp_path / "eval" / "lora-h25-e2.json").write_text("{}")
+    (tmp_path / "step_times.json").write_text("{}")
+    settings = {"model": "m", "size": "quick", "lr": "2e-4"}  # the rows, share, epochs and lr are recorded too
+    with pytest.raises(SystemExit):
+        demo.check_same_settings(str(path), settings, force=False)
+    assert (tmp_path / "eval" / "lora-h25-e2.json").exists()
+    demo.check_same_settings(str(path), settings, force=True)
+    assert sorted(os.listdir(tmp_path)) == ["demo_settings.json"]
+    demo.check_same_settings(str(path), json.loads(path.read_text()), force=False)  # the same run: kept as it is
 
 
 def test_a_failing_step_stops_the_demo_and_names_it(tiny_llama, tmp_path):
@@ -232,6 +268,31 @@ def test_verdict_is_halfway_from_the_attacked_run_to_the_base():
     assert "not told apart" not in demo.verdict(share(0.45, 0.3, 0.75), attacked, base, dict(close, p=0.01))[1]
     assert "not told apart" in demo.verdict(share(0.7, 0.6, 0.8), attacked, base, close)[1]  # broke, said too
     assert demo.verdict(share(0.1, 0.0, 0.2), share(0.2, 0.1, 0.3), base)[0] == "no effect to keep"
+    # exactly halfway is held at every tie of n = 80 (b + (a - b) / 2 rounded a hair below 167 of them)
+    def count(k):
+        return {"rate": k / 80, "ci95": [0, 1], "count": k, "n": 80}
+    ties = [(b, a) for b in range(81) for a in range(b + 2, 81, 2)]
+    assert {demo.verdict(count((a + b) // 2), count(a), count(b))[0] for b, a in ties} == {"held"}
+
+
+def test_full_fine_tuning_in_a_4bit_sweep_is_judged_against_the_unquantised_base(tmp_path):
+    """Full fine-tuning trains the unquantised model: its halfway line comes from that model's rates, not from
+    the 4-bit base the LoRA cells start from."""
+    def evaluation(harmful):
+        share = {"rate": harmful / 80, "ci95": [0, 1], "count": harmful, "n": 80}
+        return {"summary": {"harmful": {"harmful_rate": share, "any_compliance_rate": share},
+                            "over_refusal": {"refusal_rate": share}, "task": dict(share, accuracy=share, at_budget=0)},
+                "settings": {"task_max_new_tokens": 16}}
+    (tmp_path / "eval").mkdir()
+    # 4-bit base 40/80: halfway to the attack's 72 is 56, so 52 held; from the unquantised 8/80 it is 40: broke
+    for name, harmful in (("base", 40), ("base-unquantised", 8), ("full-h25-e1", 72), ("sppft-full-h25-e1", 52)):
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps(evaluation(harmful)))
+    args = argparse.Namespace(model="m", size="quick", load_in_4bit=True, sweep=True, shares="25", epochs="1",
+                              full_shares=None, seeds=None)
+    cells = [("full", 25, 1), ("sppft-full", 25, 1)]
+    report = open(demo.sweep_report(args, demo.SIZES["quick"], str(tmp_path), cells, {})).read()
+    assert "| sppft-full | 25% | 1 |" in report and "| broke / broke |" in report
+    assert "judged against it: harmful 0.10" in report
 
 
 def test_larger_harmful_shares_hold_the_smaller_shares_rows():
