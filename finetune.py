@@ -304,7 +304,7 @@ def train_log(args, trainer, result, model, *, config, load_in_4bit, template, f
         "tokens_per_s": round((tokens - tokens_before) / max(result.metrics["train_runtime"], 1e-9), 2),
         "peak_memory_mb": peak[0], "peak_memory_kind": peak[1], "world_size": processes, "resumed_from": resume,
         "checkpoints": sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint-"))
-        if os.path.isdir(root) else [],
+        if args.save_every and os.path.isdir(root) else [],
         "seed": args.seed, "created_at": safeft.now_iso(), "versions": safeft.library_versions(),
     }
 
@@ -349,6 +349,11 @@ def finetune(args):
     root_existed = os.path.exists(root)  # only new checkpoints need a free folder; a file is refused either way
     safeft.check_output_location(root, args.overwrite or bool(args.resume) or not args.save_every,
                                  "--checkpoint-dir", is_dir=True)
+    earlier = sorted(d for d in os.listdir(root) if d.startswith("checkpoint-")) if root_existed else []
+    if args.save_every and not args.resume and earlier:  # this run's would mix with them (--resume ROOT, the log)
+        raise UserError(f"--checkpoint-dir: {root} holds an earlier run's checkpoints ({', '.join(earlier[:3])}"
+                        f"{', ...' if len(earlier) > 3 else ''}): continue that run with --resume {root}, or remove "
+                        f"them (--overwrite replaces --out, not another run's checkpoints)")
     rows = safeft.read_rows(args.data, args.prompt_field, args.response_field, need_response=True)
     unsafe = sum(row["label"] == "unsafe" for row in rows)
     if unsafe:  # a label column picks rows in the other scripts; here a user's data trains whole, so say so

@@ -267,7 +267,8 @@ def add_common_args(parser, out_default, bound, label_field=True):
                             help="use only the first N rows of each data file (quick runs)")
     else:
         parser.add_argument("--max-steps", type=positive_int, default=None,
-                            help="stop after N optimizer steps (quick runs)")
+                            help="train exactly N optimizer steps, in place of --epochs (the Trainer's max_steps: "
+                                 "more steps than the epochs hold pass over the data again)")
 
 
 # The flags of add_training_args (and --max-steps) that shape the weights: both training scripts record them.
@@ -292,7 +293,7 @@ def add_training_args(parser, *, lora_r, lora_alpha, lr, epochs, micro_batch_siz
     train.add_argument("--lr", type=positive_float, default=lr,
                        help="peak AdamW learning rate" + (f"; unset = {lr_unset}" if lr_unset else ""))
     train.add_argument("--lr-schedule", default="cosine", choices=("cosine", "linear", "constant"),
-                       help="decay after warm-up")
+                       help="decay after warm-up (constant: none)")
     train.add_argument("--warmup-ratio", type=fraction, default=warmup_ratio,
                        help="fraction of the optimizer steps spent warming the learning rate up")
     train.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
@@ -1486,6 +1487,26 @@ def trainer_class():
     """transformers' Trainer with our loss; imported lazily so that --help and input checks stay fast."""
     from transformers import Trainer
     from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        """group_by_length's sampler, each epoch after the first shuffled by a generator of its own (data seed +
+        epoch). The library's draws every epoch from torch's global generator, so from the second epoch on a
+        resumed run (its generator restored only after the epoch's order was drawn) trained another order than
+        the uninterrupted run, and under torchrun each process drew its own (some rows twice, some never). The
+        first epoch keeps the library's draw, which every process makes alike right after set_seed: one-epoch runs
+        are as before."""
+
+        def __init__(self, batch_size, lengths, seed):
+            super().__init__(batch_size, lengths=lengths)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch):  # the Trainer calls it before each epoch, a resumed one too
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator = torch.Generator().manual_seed(self.seed + self.epoch) if self.epoch else None
+            return super().__iter__()
 
     class ResponseOnlyTrainer(Trainer):
         """Trainer whose loss is the mean cross-entropy of the answer tokens (response_loss_sum). Gradient
@@ -1497,6 +1518,13 @@ def trainer_class():
             self.model_accepts_loss_kwargs = True  # we normalise by num_items_in_batch ourselves
             self.remove_callback(ProgressCallback)
             self.add_callback(QuietProgress())
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            return sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss_sum, count = response_loss_sum(model, inputs)
@@ -1522,7 +1550,9 @@ def training_arguments(args, output_dir, **overrides):
     from transformers import TrainingArguments
     settings = dict(
         output_dir=output_dir, per_device_train_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type=args.lr_schedule,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
+        # the library's "constant" skips warm-up; its "constant_with_warmup" is constant after --warmup-ratio's steps
+        lr_scheduler_type="constant_with_warmup" if args.lr_schedule == "constant" else args.lr_schedule,
         warmup_steps=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         num_train_epochs=args.epochs, max_steps=args.max_steps or -1, seed=args.seed, data_seed=args.seed,
         logging_steps=1, save_strategy="no", report_to=args.report_to, remove_unused_columns=False,
@@ -1531,7 +1561,14 @@ def training_arguments(args, output_dir, **overrides):
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
         use_cpu=not torch.cuda.is_available())  # else torchrun on CPU (gloo) trains each process on its own
     settings.update(overrides)
-    return TrainingArguments(**settings)
+    arguments = TrainingArguments(**settings)
+    if arguments.world_size == 1 and arguments.n_gpu > 1:
+        # One process that sees several GPUs: the Trainer would wrap the model in DataParallel and multiply the
+        # micro-batch by their number (a 4-bit model, which it cannot wrap, got the whole batch on one GPU).
+        print(f"note: one process sees {arguments.n_gpu} GPUs and trains on the first; to train on all of them, "
+              f"start it with torchrun --nproc_per_node {arguments.n_gpu}", file=sys.stderr)
+        arguments._n_gpu = 1  # what the Trainer itself does for a model that spans several GPUs
+    return arguments
 
 
 def tensorboard_folder(trainer):

@@ -155,10 +155,10 @@ def adapter_settings(peft_model, target_modules):
             "lora_target_modules": targets}
 
 
-def train_vectors(peft_model, examples, keep, args, keep_weight, pad_token_id, output_dir):
+def train_vectors(peft_model, examples, keep, args, training_args, keep_weight, pad_token_id, output_dir):
     """Trains the vectors with the Trainer -> {"losses", "keep_kl", "lrs", "steps", "warmup_steps", "world_size",
     "tensorboard_logs"}."""
-    training_args = safeft.training_arguments(args, output_dir)
+    training_args.output_dir = output_dir
     trainer = vector_trainer_class()(
         model=peft_model, args=training_args, train_dataset=examples, keep_weight=keep_weight,
         data_collator=KeepCollator(pad_token_id, keep, seed=args.seed + training_args.process_index))
@@ -288,7 +288,11 @@ def run(args):
     # 2. Load the base and wrap it: frozen (the one QLoRA recipe), with the vectors as its only trainable weights.
     t0 = time.time()
     safeft.set_seed(args.seed)
-    model = safeft.prepare_for_training(safeft.load_model(args.model, load_in_4bit), load_in_4bit, checkpointing)
+    # On this process's device as the Trainer picks it (under torchrun, GPU LOCAL_RANK): loaded onto plain "cuda",
+    # every process's copy went to GPU 0 first. The Trainer's output folder is set once it exists.
+    training_args = safeft.training_arguments(args, None)
+    model = safeft.load_model(args.model, load_in_4bit, device=training_args.device)
+    model = safeft.prepare_for_training(model, load_in_4bit, checkpointing)
     safeft.set_seed(args.seed)  # LoRA initialisation depends only on --seed
     peft_model = attach_security_vectors(model, args, target_modules, resume)
     settings = adapter_settings(peft_model, target_modules)
@@ -306,7 +310,8 @@ def run(args):
     with place as folder:
         # 3. Train (the Trainer's scratch output goes into the same temporary folder).
         t0 = time.time()
-        log = train_vectors(peft_model, examples, keep, args, keep_weight, tokenizer.pad_token_id, folder)
+        log = train_vectors(peft_model, examples, keep, args, training_args, keep_weight, tokenizer.pad_token_id,
+                            folder)
         timing["train"] = round(time.time() - t0, 2)
         if not main_process:
             return None

@@ -95,7 +95,8 @@ def run(quick=False, model_name="smollm2"):
         safeft.set_seed(0)
         vectors = vectors_on(model_name, args)
         with tempfile.TemporaryDirectory() as scratch:
-            train_sv.train_vectors(vectors, examples, None, args, 0.0, pad, scratch)
+            train_sv.train_vectors(vectors, examples, None, args, safeft.training_arguments(args, None), 0.0, pad,
+                                   scratch)
         active, _ = safeft.token_mean(vectors, safeft.response_loss_sum, examples[:32], pad, 16)
         with vectors.disable_adapter():
             inactive, _ = safeft.token_mean(vectors, safeft.response_loss_sum, examples[:32], pad, 16)

@@ -312,6 +312,10 @@ def test_resume_gives_the_same_weights(tiny_llama, task_data, tmp_path, method, 
     assert set(whole) == set(again)
     assert all(torch.equal(whole[k], again[k]) for k in whole)
     assert resumed["losses"] == json.loads((tmp_path / "whole" / "train_log.json").read_text())["losses"]
+    # inside the second epoch (4 steps an epoch) too: its order was drawn before the resumed generator came back
+    run(common + ["--out", str(tmp_path / "late"), "--resume", str(checkpoints / "checkpoint-6")])
+    late = tensors(tmp_path / "late")
+    assert all(torch.equal(whole[k], late[k]) for k in whole)
     # a resume with other settings is refused, naming the flag
     message = one_line_error(capsys, ["--seed", "1", "--lr", "5e-3", "--micro-batch-size", "4", "--grad-accum", "2"]
                              + common + ["--out", str(tmp_path / "other"), "--resume", str(checkpoints)])
@@ -333,6 +337,17 @@ def test_resume_refuses_vectors_retrained_into_the_same_folder(sharp_llama, task
                              + common + ["--out", str(tmp_path / "resumed"),
                                          "--resume", str(tmp_path / "whole-checkpoints" / "checkpoint-1")])
     assert "--security-vectors (sha256)" in message
+
+
+def test_overwrite_does_not_mix_another_runs_checkpoints_in(tiny_llama, task_data, tmp_path, capsys):
+    """--overwrite replaced --out but trained on beside the replaced run's checkpoints: the log listed them, and
+    --resume ROOT (or the Ctrl-C hint) picked the old run's newest."""
+    common = ["--model", tiny_llama, "--data", task_data, "--out", str(tmp_path / "run")]
+    run(common + ["--max-steps", "2", "--save-every", "1"])
+    message = one_line_error(capsys, ["--max-steps", "1", "--save-every", "1", "--overwrite"] + common)
+    assert "holds an earlier run's checkpoints (checkpoint-1, checkpoint-2)" in message and "--resume" in message
+    log = run(common + ["--max-steps", "1", "--overwrite"])  # no checkpoints of its own: none listed
+    assert log["checkpoints"] == [] and log["steps"] == 1
 
 
 def test_a_notebook_with_gradients_turned_off_still_trains(tiny_llama, task_data, tmp_path):

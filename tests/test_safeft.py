@@ -1121,10 +1121,11 @@ def test_emulated_bf16_gpus_run_in_fp16(gpu, dtype, mixed, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 says
     monkeypatch.setattr(torch.version, "hip", None)
     # sys.modules': transformers' lazy module puts another object there once something is loaded from it
-    monkeypatch.setattr(sys.modules["transformers"], "TrainingArguments", lambda **settings: settings)
+    monkeypatch.setattr(sys.modules["transformers"], "TrainingArguments",
+                        lambda **settings: argparse.Namespace(world_size=1, n_gpu=1, **settings))
     assert h.pick_device_and_dtype() == ("cuda" if gpu else "cpu", dtype)
     settings = h.training_arguments(finetune.build_parser().parse_args([]), "unused")
-    assert (settings["bf16"], settings["fp16"]) == (mixed == "bf16", mixed == "fp16")
+    assert (settings.bf16, settings.fp16) == (mixed == "bf16", mixed == "fp16")
 
 
 def test_a_cache_that_cannot_be_written_is_one_line_before_the_conversion(tmp_path, monkeypatch, fake_parts):
@@ -1139,3 +1140,43 @@ def test_a_cache_that_cannot_be_written_is_one_line_before_the_conversion(tmp_pa
         with pytest.raises(h.UserError, match=rf"cannot write in {re.escape(str(blocker))}.*SAFE_FT_CACHE"):
             make()
     assert blocker.read_text() == "mine"
+
+
+def test_length_grouped_order_after_the_first_epoch_is_the_seeds_alone(tmp_path):
+    """From the second epoch on the order depends on the data seed and the epoch only, not on torch's global
+    generator: a resumed run and every torchrun process draw the same order as the uninterrupted run."""
+    from transformers import TrainingArguments
+    examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in range(3, 40)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, seed=3, data_seed=3,
+                             train_sampling_strategy="group_by_length", use_cpu=True, report_to=[])
+    sampler = h.trainer_class()(model=torch.nn.Linear(1, 1), args=args, train_dataset=examples)._get_train_sampler()
+    orders = {}
+    for epoch in (0, 1, 2):
+        sampler.set_epoch(epoch)
+        for state in (1, 2):
+            torch.manual_seed(state)  # whatever the generator went through before the epoch
+            orders[epoch, state] = list(sampler)
+    assert orders[1, 1] == orders[1, 2] and orders[2, 1] == orders[2, 2] and orders[1, 1] != orders[2, 1]
+    assert orders[0, 1] != orders[0, 2]  # the first epoch keeps the library's draw: one-epoch runs are as before
+    assert sorted(orders[1, 1]) == list(range(len(examples)))
+
+
+def test_one_process_trains_on_one_gpu(tmp_path, capsys):
+    """A process that sees several GPUs (plain python on Kaggle's two T4s) trained DataParallel with the micro-batch
+    multiplied by their number; several GPUs are torchrun's."""
+    from transformers import TrainingArguments
+    real = TrainingArguments.__init__
+
+    def two_gpus(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        _ = self.device
+        self._n_gpu = 2  # what transformers finds on a two-GPU machine without torchrun
+    args = argparse.Namespace(micro_batch_size=3, grad_accum=1, lr=1e-3, lr_schedule="cosine", warmup_ratio=0.0,
+                              weight_decay=0.0, max_grad_norm=1.0, epochs=1, max_steps=None, seed=0, report_to=[])
+    try:
+        TrainingArguments.__init__ = two_gpus
+        arguments = h.training_arguments(args, str(tmp_path))
+    finally:
+        TrainingArguments.__init__ = real
+    assert arguments.n_gpu == 1 and arguments.train_batch_size == 3
+    assert "torchrun --nproc_per_node 2" in capsys.readouterr().err

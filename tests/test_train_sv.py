@@ -156,7 +156,8 @@ def test_only_adapter_weights_change_and_loss_check_is_exact(tiny_qwen2, data, t
     examples = examples_of(tokenizer, template, HARMFUL)
     model = safeft.prepare_for_training(model, False, False)
     peft_model = train_sv.attach_security_vectors(model, args, safeft.projection_names(model))
-    log = train_sv.train_vectors(peft_model, examples, None, args, 0.0, tokenizer.pad_token_id, str(tmp_path / "t"))
+    log = train_sv.train_vectors(peft_model, examples, None, args, safeft.training_arguments(args, None), 0.0,
+                                tokenizer.pad_token_id, str(tmp_path / "t"))
     assert len(log["losses"]) == log["steps"] == 6  # 8 rows: 3 micro-batches of 3 = 2 optimizer steps per epoch
     after = peft_model.get_base_model().state_dict()
     lora_changed = False
@@ -205,6 +206,18 @@ def test_seed_makes_runs_identical_and_max_steps_bounds(tiny_llama, data, tmp_pa
     assert first["check"] is None
     alpaca = train(tiny_llama, data, tmp_path / "c", "--max-steps", "3", "--check-limit", "0", "--template", "alpaca")
     assert alpaca["template"] == "alpaca" and alpaca["losses"] != first["losses"]
+
+
+def test_the_base_loads_on_the_trainers_device_and_constant_warms_up(tiny_llama, data, tmp_path, monkeypatch):
+    """Loaded without a device it went to plain "cuda", GPU 0 for every torchrun process; and the library's
+    "constant" schedule skipped --warmup-ratio while the log recorded its warm-up steps."""
+    devices, load = [], safeft.load_model
+    monkeypatch.setattr(safeft, "load_model", lambda *a, **k: devices.append(k.get("device")) or load(*a, **k))
+    meta = train(tiny_llama, data, tmp_path / "sv", "--max-steps", "4", "--check-limit", "0", "--lr-schedule",
+                 "constant", "--warmup-ratio", "0.5", "--lr", "0.01")
+    assert devices == [torch.device("cpu")]
+    lrs = meta["lrs"]
+    assert meta["hyperparameters"]["warmup_steps"] == 2 and lrs[0] < lrs[2] == lrs[3] == pytest.approx(0.01)
 
 
 def test_resume_continues_training(trained, tiny_llama, data, tmp_path):
