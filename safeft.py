@@ -1495,17 +1495,16 @@ def trainer_class():
         resumed run (its generator restored only after the epoch's order was drawn) trained another order than
         the uninterrupted run, and under torchrun each process drew its own (some rows twice, some never). The
         first epoch keeps the library's draw, which every process makes alike right after set_seed: one-epoch runs
-        are as before."""
+        are as before. The epoch is read from the Trainer's state when the order is drawn (set_epoch does not
+        reach a sampler behind the resumed epoch's batch skipping in every transformers version)."""
 
-        def __init__(self, batch_size, lengths, seed):
+        def __init__(self, batch_size, lengths, seed, epoch):
             super().__init__(batch_size, lengths=lengths)
-            self.seed, self.epoch = seed, 0
-
-        def set_epoch(self, epoch):  # the Trainer calls it before each epoch, a resumed one too
-            self.epoch = epoch
+            self.seed, self.epoch = seed, epoch
 
         def __iter__(self):
-            self.generator = torch.Generator().manual_seed(self.seed + self.epoch) if self.epoch else None
+            epoch = self.epoch()
+            self.generator = torch.Generator().manual_seed(self.seed + epoch) if epoch else None
             return super().__iter__()
 
     class ResponseOnlyTrainer(Trainer):
@@ -1523,7 +1522,10 @@ def trainer_class():
             sampler = super()._get_train_sampler(train_dataset)
             if type(sampler) is LengthGroupedSampler:
                 seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+                # epochs done when the order is drawn: whole at an epoch's start, and a resumed run's state says
+                # how far into its epoch it stopped (1.5 -> 1)
+                sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed,
+                                                          lambda: int(self.state.epoch or 0))
             return sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

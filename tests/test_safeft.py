@@ -1149,14 +1149,15 @@ def test_length_grouped_order_after_the_first_epoch_is_the_seeds_alone(tmp_path)
     examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in range(3, 40)]
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, seed=3, data_seed=3,
                              train_sampling_strategy="group_by_length", use_cpu=True, report_to=[])
-    sampler = h.trainer_class()(model=torch.nn.Linear(1, 1), args=args, train_dataset=examples)._get_train_sampler()
+    trainer = h.trainer_class()(model=torch.nn.Linear(1, 1), args=args, train_dataset=examples)
+    sampler = trainer._get_train_sampler()
     orders = {}
-    for epoch in (0, 1, 2):
-        sampler.set_epoch(epoch)
+    for epoch in (0, 1, 2.5):  # 2.5: a run resumed halfway through its third epoch
+        trainer.state.epoch = epoch
         for state in (1, 2):
             torch.manual_seed(state)  # whatever the generator went through before the epoch
             orders[epoch, state] = list(sampler)
-    assert orders[1, 1] == orders[1, 2] and orders[2, 1] == orders[2, 2] and orders[1, 1] != orders[2, 1]
+    assert orders[1, 1] == orders[1, 2] and orders[2.5, 1] == orders[2.5, 2] and orders[1, 1] != orders[2.5, 1]
     assert orders[0, 1] != orders[0, 2]  # the first epoch keeps the library's draw: one-epoch runs are as before
     assert sorted(orders[1, 1]) == list(range(len(examples)))
 
