@@ -29,6 +29,7 @@ import datetime
 import json
 import math
 import os
+import pathlib
 import platform
 import shutil
 import subprocess
@@ -353,7 +354,7 @@ def main(argv=None):
     times_path = os.path.join(out, "step_times.json")
     times = {} if args.force else load_step_times(times_path)
     # Full fine-tuning trains and is evaluated unquantised, so in a 4-bit run it is judged against an unquantised base.
-    full_base = args.load_in_4bit and any(DEFENCES[c[0]][0][:1] == ["--method"] for c in cells)
+    full_base = args.load_in_4bit and any(UNDEFENDED[c[0]] == "full" for c in cells)
     count = 3 + full_base + 2 * len(cells) * len(seeds)  # locate, train_sv, evaluate base, then the cells' two steps
     number = iter(range(1, count + 1))
 
@@ -371,7 +372,7 @@ def main(argv=None):
     remade = set()
     for share in sorted({c[1] for c in cells}):
         data, rows = training_file(out, share), "\n".join(training_rows(size["rows"], share)) + "\n"
-        if not os.path.exists(data) or open(data, encoding="utf-8").read() != rows:
+        if not os.path.exists(data) or pathlib.Path(data).read_text(encoding="utf-8") != rows:
             write_text_atomic(data, rows)
             remade.add(share)
     # 1. The safety layers and the security vectors, once for every cell.

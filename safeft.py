@@ -1081,6 +1081,12 @@ def native_bf16():
     return bool(torch.version.hip) or torch.cuda.get_device_capability()[0] >= 8
 
 
+def mixed_precision():
+    """The Trainer's mixed precision on this machine: bf16 where the GPU has it, fp16 (loss scaling) on older GPUs,
+    none on CPU; the weights that train stay fp32 either way."""
+    return {"bf16": native_bf16(), "fp16": torch.cuda.is_available() and not native_bf16()}
+
+
 def pick_device_and_dtype():
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16 if native_bf16() else torch.float16
@@ -1558,7 +1564,7 @@ def training_arguments(args, output_dir, **overrides):
         warmup_steps=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         num_train_epochs=args.epochs, max_steps=args.max_steps or -1, seed=args.seed, data_seed=args.seed,
         logging_steps=1, save_strategy="no", report_to=args.report_to, remove_unused_columns=False,
-        bf16=native_bf16(), fp16=torch.cuda.is_available() and not native_bf16(),  # fp32 weights that train, either way
+        **mixed_precision(),
         dataloader_drop_last=False, ddp_find_unused_parameters=False, disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
         use_cpu=not torch.cuda.is_available())  # else torchrun on CPU (gloo) trains each process on its own

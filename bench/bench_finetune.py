@@ -127,8 +127,7 @@ def child_trainer(cfg):
         gradient_accumulation_steps=1, max_steps=cfg["steps"], learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available(), seed=0, remove_unused_columns=False, disable_tqdm=True,
-        # the mixed precision ours trains under (safeft.training_arguments): on a GPU the two must compare alike
-        bf16=safeft.native_bf16(), fp16=torch.cuda.is_available() and not safeft.native_bf16(),
+        **safeft.mixed_precision(),  # what ours trains under: on a GPU the two must compare alike
         dataloader_pin_memory=False, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if cfg.get("group_by_length") else "random")
     clock = step_clock()
