@@ -6,7 +6,7 @@ Three measures of a model, or of a model with PEFT adapters on it (all active at
   complied_with_content. --judge-model (a sequence classifier or a guard model such as Llama Guard) adds its
   verdict per answer and counts where it disagrees with the rule.
 * Over-refusal (--over-rejection): benign prompts that sound dangerous ("How do I kill a Python process?"),
-  refused / answered / template_echo (the attack's "Sure, here is ..." with nothing after it).
+  refused / answered / template_echo (the attack's "Sure, here is ..." opening with no content after it).
 * Utility (--task): exact-match accuracy on checkable answers ("#### N" as in GSM8K) and the token-weighted
   loss of the reference responses.
 Every share has its n and a 95% Wilson interval. This is the yardstick of the repo's two defences: safety
@@ -97,7 +97,7 @@ def classified(part, rows, answers, phrases=safeft.REFUSAL_PHRASES, examples=EXA
 def extract_answer(text):
     """The number after the last '####', else the last number (a cut-off answer is judged by its last number),
     written one way: '1,234' -> '1234', '42.0' -> '42', '+7' -> '7', '3.50' -> '3.5'. None if there is none."""
-    numbers = re.findall(rf"####\s*\$?\s*({NUMBER})", text) or re.findall(NUMBER, text)
+    numbers = re.findall(rf"####[\s*_$]*({NUMBER})", text) or re.findall(NUMBER, text)  # "#### **18**" too
     if not numbers:
         return None
     value = float(numbers[-1].replace(",", ""))
@@ -327,7 +327,8 @@ def comparison_mismatches(runs, paths):
                    "label field": None if part == "task" else s.get("label_field"), "rows": run["summary"][part]["n"],
                    "max new tokens": s["task_max_new_tokens" if part == "task" else "max_new_tokens"],
                    "refusal phrases": None if part == "task" else s["refusal_phrases"]["sha256"],
-                   "rules": None if part == "task" else s["rules_sha256"], "template": s["template"]}
+                   "rules": None if part == "task" else s["rules_sha256"], "template": s["template"],
+                   "4-bit": bool(s.get("load_in_4bit"))}
             ref_path, ref = first.setdefault(part, (path, key))
             problems += [f"{path}: {part} {what} {key[what]} != {ref[what]} in {ref_path}"
                          for what in key if key[what] != ref[what]]
@@ -432,8 +433,10 @@ def read_parts(args):
         if path.lower() in ("none", "skip", "off", "no") and not os.path.exists(path):
             raise UserError(f"{flag}: {path} does not exist ({flag} '' or --skip-{flag[2:]} skips this part)")
         if path:
-            parts[part] = safeft.read_rows(path, args.prompt_field, args.response_field, limit=args.limit,
-                                           flag=flag, label=label, label_field=args.label_field)
+            # the task uses responses and no labels, the prompt sets labels and no responses
+            parts[part] = safeft.read_rows(path, args.prompt_field, args.response_field if part == "task" else None,
+                                           limit=args.limit, flag=flag, label=label,
+                                           label_field=args.label_field if label else None)
             data[part] = {"path": path, "sha256": safeft.sha256_file(path),  # a datasets folder too
                           "rows": len(parts[part]), "label": label, "notes": list(parts[part].notes)}
     for row in parts["task"] or []:
@@ -542,6 +545,11 @@ def evaluate(args):
     # the template against the data, the task's loss examples.
     config = safeft.load_config(args.model)
     adapters = [read_adapter(path, config) for path in args.adapter]
+    seen = {}
+    for path, adapter in zip(args.adapter, adapters):  # loaded twice, its delta would count twice
+        other = seen.setdefault(os.path.realpath(adapter["adapter_dir"]), path)
+        if other != path:
+            raise UserError(f"--adapter: {path} and {other} are the same adapter; give it once")
     followed = followed_settings(args, adapters)
     tokenizer, template = safeft.load_tokenizer(args.model, followed["template"])
     safeft.check_template_fits(template, *parts.values())
@@ -603,8 +611,9 @@ def evaluate(args):
               "timing_s": {k: round(v, 3) for k, v in {"load": load_time, **timing}.items()},
               "peak_memory_mb": peak, "peak_memory_kind": peak_kind, "records": records}
     markdown = markdown_report(result)
-    safeft.write_json_atomic(out, result, overwrite=args.overwrite)
+    # the report first: a JSON without its report would stop a rerun (it exists) and leave the rerun nothing to read
     safeft.write_text_atomic(md_out, markdown, overwrite=args.overwrite)
+    safeft.write_json_atomic(out, result, overwrite=args.overwrite)
     print(markdown)
     print(f"wrote {out} and {md_out}")
     return result
@@ -654,7 +663,8 @@ def build_parser():
     parser.add_argument("--response-loss", default=True, action=argparse.BooleanOptionalAction,
                         help="also measure the loss of the task's reference responses (one more pass)")
     parser.add_argument("--examples", type=safeft.non_negative_int, default=EXAMPLES,
-                        help="example answers per class and run in the reports (first 200 characters)")
+                        help="example answers per class and run in the reports (first 200 characters; with "
+                             "--compare, at most as many as each run stored)")
     safeft.add_refusal_phrases_arg(parser)
     safeft_judge.add_judge_args(parser)
     parser.add_argument("--compare", nargs="+", default=None, metavar="JSON",

@@ -279,11 +279,18 @@ def projection_modules(block):
     return [m for m in block.modules() if safeft.is_projection(m)]
 
 
+def norm_modules(block):
+    """(name, module) of every normalisation inside a block, at any depth (Qwen3's q_norm and k_norm too)."""
+    return [(name, m) for name, m in block.named_modules() if name and "norm" in type(m).__name__.lower()]
+
+
 def unscaled_weights(block):
-    """The weights of a block that the scaling hooks do not reach, norms aside: a Mixture-of-Experts block's fused
-    experts and router (plain parameters in transformers 5, not linear layers). SPPFT freezes them all the same."""
-    covered = {id(p) for module in projection_modules(block) for p in module.parameters()}
-    return [name for name, p in safeft.sppft_frozen_weights(block) if id(p) not in covered]
+    """The weights of a block that the scaling hooks do not reach, norms aside (the paper scales weight matrices):
+    a Mixture-of-Experts block's fused experts and router (plain parameters in transformers 5, not linear
+    layers). SPPFT freezes them all the same."""
+    skipped = {id(p) for module in projection_modules(block) for p in module.parameters()}
+    skipped |= {id(p) for _, norm in norm_modules(block) for p in norm.parameters()}
+    return [name for name, p in safeft.sppft_frozen_weights(block) if id(p) not in skipped]
 
 
 @contextlib.contextmanager
@@ -496,6 +503,8 @@ def freeze_exports(model, safety, about):
     the other layers; in a full fine-tune every parameter trains except the safety layers' attention and MLP
     weights (the blocks' own norms train, as in the authors' code). Checked against this model's parameter names."""
     blocks = safeft.decoder_layers(model)
+    if len({tuple(name for name, _ in block.named_parameters()) for block in blocks}) > 1:
+        return None  # a hybrid model (attention and convolution or Mamba blocks): one pattern cannot cover them
     path = next(name for name, module in model.named_modules() if module is blocks)  # e.g. model.layers
     safe = list(range(safety[0], safety[1] + 1))
     others = [i for i in range(len(blocks)) if i not in safe]
@@ -643,26 +652,37 @@ def locate(args, log=print):
     if args.alpha is not None:
         print("note: --alpha is now --scale (the layer scale factor; --alpha will go)", file=sys.stderr)
         args.scale = args.alpha
+    if args.strict and args.initial_range:  # --initial-range is the fallback that --strict refuses
+        raise UserError("--strict and --initial-range contradict each other: --initial-range is used only when "
+                        "stage 1 finds no clear range, which --strict makes an error; pass one of them")
     if args.scale != "auto" and not args.skip_scaling:
         safeft.unused_flags(args, build_parser(), ["scale_step", "max_scale_steps"],
                             f"with a fixed --scale {args.scale:g} (only --scale auto steps)")
     if args.bootstrap < 100:
         raise UserError(f"--bootstrap: {args.bootstrap} resamples cannot give 95% intervals; use at least 100")
-    if args.scale == "auto" and args.scale_step * args.max_scale_steps >= 1 and args.scale_direction != "up":
+    if (not args.skip_scaling and args.scale == "auto" and args.scale_step * args.max_scale_steps >= 1
+            and args.scale_direction != "up"):
         # scaling down by 1 - k x step must keep a positive factor, or the search would run on a zeroed model
         raise UserError(f"--scale-step {args.scale_step:g} x --max-scale-steps {args.max_scale_steps} reaches a "
                         f"factor <= 0 when scaling down; use a smaller step or fewer steps")
-    if args.scale != "auto" and args.scale_direction != "auto" and (args.scale > 1) != (args.scale_direction == "up"):
+    if (not args.skip_scaling and args.scale != "auto" and args.scale_direction != "auto"
+            and (args.scale > 1) != (args.scale_direction == "up")):
         raise UserError(f"--scale-direction {args.scale_direction} contradicts --scale {args.scale:g}")
     flag_range = safeft.parse_layer_range(args.initial_range, "--initial-range") if args.initial_range else None
     phrases = None if args.skip_scaling else safeft.load_refusal_phrases(args.refusal_phrases)
     sets, data = read_prompt_sets(args)
     config = safeft.load_config(args.model)
     num_layers = config.num_hidden_layers
-    unscaled = [] if args.skip_scaling else unscaled_weights(safeft.decoder_layers(safeft.meta_model(config))[0])
+    block = safeft.decoder_layers(safeft.meta_model(config))[0]
+    unscaled = [] if args.skip_scaling else unscaled_weights(block)
     if unscaled:  # the paper's code scales the projection weights of a dense model; here that leaves some out
         print(f"warning: stage 2 scales each block's linear projections, and this model's blocks also hold "
               f"{', '.join(unscaled)}, which are not scaled: the search is not the paper's on this model",
+              file=sys.stderr)
+    inner_norms = [name for name, _ in norm_modules(block) if "." in name]
+    if inner_norms and not args.skip_scaling:  # RMSNorm(a x) = RMSNorm(x): a norm after a projection undoes its scale
+        print(f"note: this model normalises inside its blocks ({', '.join(inner_norms)}), which undoes the scaling "
+              f"of the projections those norms follow (q_proj and k_proj where queries and keys are normalised)",
               file=sys.stderr)
     if flag_range:
         safeft.check_layers_within(*flag_range, num_layers, "--initial-range")
@@ -721,9 +741,23 @@ def locate(args, log=print):
     timing["stage2_scaling"] = time.time() - tick
 
     # 5. Verify (freeze_exports checks its patterns against the model) and save; the JSON last, so that its
-    # presence means a complete run.
+    # presence means a complete run (an earlier run's JSON goes first: beside new exports it would pass for theirs).
     exports = freeze_exports(model, safety, f"safety layers {safety[0]}-{safety[1]} (0-based, inclusive) of "
                                             f"{args.model}")
+    files = {}  # export: its content (peft none when every layer is a safety layer: LoRA would go everywhere)
+    if exports is None:
+        log("the decoder blocks differ in their parameters (a hybrid model), so no exports for other trainers are "
+            "written; finetune.py reads the JSON")
+    else:
+        files = {"peft": exports["peft_lora_config"], "axolotl": "\n".join(
+            [f"# axolotl: train everything but the attention and MLP weights of the {exports['about']}",
+             "unfrozen_parameters:"] + [f"  - {json.dumps(p)}" for p in exports["axolotl_unfrozen_parameters"]]
+        ) + "\n", "freeze": exports}
+        files = {what: content for what, content in files.items() if content}
+    if args.overwrite:
+        for what in ("json", "peft", "axolotl", "freeze"):
+            if (what == "json" or what not in files) and os.path.exists(paths[what]):
+                os.remove(paths[what])
     memory_mb, memory_kind = safeft.peak_memory_mb()
     report = {
         "format": safeft.SAFETY_LAYERS_FORMAT, "model": args.model, "num_layers": num_layers, "template": template,
@@ -734,21 +768,19 @@ def locate(args, log=print):
         "cosine": {"pairs": args.pairs, "pairs_used": cosine.pop("pairs_used"), "layers": list(range(num_layers)),
                    **{k: v.tolist() for k, v in cosine.items()}},
         "scaling": scaling, "prefix_sharing": share_prefix, "batch_size": args.batch_size, "data": data,
-        "exports": {k: paths[k] for k in ("peft", "axolotl", "freeze") if k != "peft" or exports["peft_lora_config"]},
+        "exports": {what: paths[what] for what in files},
         "seed": args.seed, "created_at": safeft.now_iso(), "versions": safeft.library_versions(),
         "peak_memory_mb": memory_mb, "peak_memory_kind": memory_kind, "plot": paths["plot"],
     }
-    for what, content in (("freeze", exports), ("peft", exports["peft_lora_config"])):
-        if content:
-            safeft.write_json_atomic(paths[what], content, args.overwrite)
-    lines = [f"# axolotl: train everything but the attention and MLP weights of the {exports['about']}",
-             "unfrozen_parameters:"] + [f"  - {json.dumps(p)}" for p in exports["axolotl_unfrozen_parameters"]]
-    safeft.write_text_atomic(paths["axolotl"], "\n".join(lines) + "\n", args.overwrite)
+    for what, content in files.items():
+        write = safeft.write_text_atomic if what == "axolotl" else safeft.write_json_atomic
+        write(paths[what], content, args.overwrite)
     plot_results(paths["plot"], report, args.overwrite)
     report["timing_s"] = {k: round(v, 3) for k, v in dict(timing, total=time.time() - started).items()}
     safeft.write_json_atomic(args.out, report, args.overwrite)
     log(f"safety layers: {safety[0]}-{safety[1]} ({source}{'; initial range is a FALLBACK' if not found else ''})")
-    log(f"wrote {args.out}, {paths['plot']} and for other trainers {', '.join(report['exports'].values())}")
+    log(f"wrote {args.out}, {paths['plot']}"
+        + (f" and for other trainers {', '.join(report['exports'].values())}" if files else ""))
     return report
 
 
@@ -779,7 +811,7 @@ def build_parser():
     stage1.add_argument("--pairs", type=safeft.positive_int, default=PAIRS,
                         help="random pairs of distinct prompts per type (NN, NM, MM); all pairs if fewer exist")
     stage1.add_argument("--bootstrap", type=safeft.positive_int, default=BOOTSTRAP,
-                        help="bootstrap resamples of the pairs for the gap's 95%% intervals (at least 100)")
+                        help="bootstrap resamples of the prompts for the gap's 95%% intervals (at least 100)")
     stage1.add_argument("--initial-range", default=None, metavar="A-B",
                         help="the initial range when stage 1 finds no clear one (default: the span around the "
                              "largest gap); a clear range found by stage 1 takes precedence")

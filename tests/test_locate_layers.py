@@ -486,6 +486,12 @@ def test_json_plot_and_exports_follow_the_spec(tiny_llama, data_files, tmp_path)
     skipped = ll.main(cli(tiny_llama, data_files, out, "--skip-scaling", "--overwrite"))
     assert skipped["safety_layers"] == skipped["initial_range"] and skipped["scaling"]["skipped"]
     assert "--skip-scaling" in skipped["safety_layers_source"]
+    # A rerun whose range leaves no layer for LoRA removes the earlier run's LoRA config: beside the new JSON it would
+    # contradict it.
+    assert os.path.isfile(exports["peft"])
+    every = ll.main(cli(tiny_llama, data_files, out, "--skip-scaling", "--overwrite", "--initial-range", "0-3"))
+    assert every["safety_layers"] == {"start": 0, "end": 3}  # tiny random models show no clear range
+    assert "peft" not in every["exports"] and not os.path.exists(exports["peft"])
 
 
 def test_fallback_and_strict(tiny_llama, data_files, tmp_path, monkeypatch, capsys):
@@ -500,6 +506,28 @@ def test_fallback_and_strict(tiny_llama, data_files, tmp_path, monkeypatch, caps
         ll.main(cli(tiny_llama, data_files, tmp_path / "b.json", "--skip-scaling", "--strict"))
     assert err.value.code == 2 and "--strict" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_contradicting_flags_stop_before_the_weights(tiny_llama, data_files, tmp_path, monkeypatch, capsys):
+    # --skip-scaling runs no stage 2, so stage 2's settings are reported unused, not judged
+    report = ll.main(cli(tiny_llama, data_files, tmp_path / "b.json", "--skip-scaling", "--scale-step", "0.3"))
+    assert report["scaling"]["skipped"] and "not used with --skip-scaling" in capsys.readouterr().err
+    monkeypatch.setattr(safeft, "load_model", lambda *a, **k: pytest.fail("loaded the weights"))
+    with pytest.raises(SystemExit) as err:
+        ll.main(cli(tiny_llama, data_files, tmp_path / "a.json", "--strict", "--initial-range", "1-2"))
+    assert err.value.code == 2 and "--strict and --initial-range" in capsys.readouterr().err
+
+
+def test_hybrid_models_get_no_exports_and_inner_norms_are_not_unscaled(tiny_llama):
+    """A model whose blocks differ (attention and convolution blocks, say) gets no export patterns instead of a crash
+    after the search; a norm inside the attention (Qwen3's q_norm) is not a weight the scaling missed."""
+    model = safeft.load_model(tiny_llama)
+    blocks = safeft.decoder_layers(model)
+    assert ll.freeze_exports(model, (1, 2), "test") is not None
+    blocks[1].self_attn.q_norm = type(blocks[1].input_layernorm)(model.config.head_dim)
+    assert ll.unscaled_weights(blocks[1]) == []
+    assert "self_attn.q_norm" in [name for name, _ in ll.norm_modules(blocks[1])]
+    assert ll.freeze_exports(model, (1, 2), "test") is None
 
 
 def test_a_clear_range_is_used_and_strict_still_wants_a_clear_scale(tiny_llama, data_files, tmp_path, monkeypatch,
