@@ -420,8 +420,12 @@ def check_output_location(path, overwrite, flag="--out", is_dir=False, inputs=()
         tempfile.TemporaryFile(dir=existing).close()
     except OSError:
         raise UserError(f"{flag}: cannot write {path}: {existing} is not writable")
-    # Delete the .tmp-<pid>-<host>-* entries whose process is gone (left by a run killed while saving). Only this
-    # host's: on a shared file system another machine's pid says nothing here, and its save may be under way.
+    remove_dead_temporaries(parent)
+
+
+def remove_dead_temporaries(parent):
+    """Delete the .tmp-<pid>-<host>-* entries whose process is gone (left by a run killed while saving). Only this
+    host's: on a shared file system another machine's pid says nothing here, and its save may be under way."""
     host = _host_tag()
     for name in os.listdir(parent) if os.path.isdir(parent) and PROBE_PIDS else []:
         parts = name.split("-", 3)
@@ -611,14 +615,14 @@ def _text(record, key, where, numbers=False):
 
 
 def _pick_field(keys, wanted, candidates, path, what):
-    """The field to read: the one asked for, else the first candidate present (exact name first, then any case)."""
+    """The field to read: the one asked for, else the first candidate present in any case (in the candidates'
+    order: JailbreakBench's Goal comes before its Behavior, a one-word category)."""
     if wanted:
         if wanted not in keys:
             raise UserError(f"--{what}-field: {path} has no field '{wanted}' (fields: {', '.join(map(str, keys))})")
         return wanted
     lowered = {str(k).lower(): k for k in keys}
-    found = next((n for n in candidates if n in keys), None) or next(
-        (lowered[n.lower()] for n in candidates if n.lower() in lowered), None)
+    found = next((n if n in keys else lowered[n.lower()] for n in candidates if n.lower() in lowered), None)
     if found is None and what == "prompt":
         table = str(path).lower().removesuffix(".gz").endswith((".csv", ".tsv"))  # data.csv.gz is a CSV too
         header = "; the first line of a CSV is its header" if table else ""
@@ -645,9 +649,13 @@ def _table_records(path):
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise UserError(f"{path}: not a readable Parquet file ({e})")
         # datasets' to_parquet keeps its features (ClassLabel names among them) in the schema's metadata
-        features = json.loads((table.schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {})
-        return _class_names(table.to_pylist(), {k: f.get("names") for k, f in features.get("features", {}).items()
-                                                if isinstance(f, dict) and f.get("_type") == "ClassLabel"})
+        try:
+            features = json.loads((table.schema.metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
+            names = {k: f.get("names") for k, f in features.items()
+                     if isinstance(f, dict) and f.get("_type") == "ClassLabel"}
+        except (ValueError, KeyError, TypeError, AttributeError):  # none, or not datasets' layout: no label names
+            names = {}
+        return _class_names(table.to_pylist(), names)
     import datasets
     try:
         data = datasets.load_from_disk(path)
@@ -656,6 +664,8 @@ def _table_records(path):
                        if n.lower().endswith(DATA_SUFFIXES) and not n.startswith("."))
         hint = f"; give one of its data files, e.g. {os.path.join(path, files[0])}" if files else ""
         raise UserError(f"{path}: a folder, but not one written by datasets' save_to_disk{hint}")
+    except (ValueError, TypeError, KeyError) as e:  # e.g. saved by a newer datasets with a feature type unknown here
+        raise UserError(f"{path}: datasets {datasets.__version__} cannot read this folder ({str(e)[:200]})")
     if isinstance(data, datasets.DatasetDict):
         if len(data) != 1:
             raise UserError(f"{path} holds the splits {', '.join(data)}: give one, e.g. "
@@ -725,6 +735,9 @@ def _raw_records(path):
                 if (len(lists) == len(columns) > 1 and len({len(c) for c in lists}) == 1
                         and not any(isinstance(c[0], dict) for c in lists if c)):  # Dataset.to_dict()'s columns
                     records = [dict(zip(records, row)) for row in zip(*columns)]
+                elif len(columns) == 1 and list(records)[0] in CHAT_FIELDS and lists and all(
+                        isinstance(c, list) for c in lists[0]):  # Dataset.to_dict() of a chat set: one column
+                    records = [{list(records)[0]: conversation} for conversation in lists[0]]
                 else:  # {"data": [...]} and similar wrappers; {"prompts": [...]} is a list of prompts
                     records = lists[0] if len(lists) == 1 else None
             if not isinstance(records, list):
@@ -765,6 +778,10 @@ def _raw_records(path):
             raise UserError(f"{path}:{start}: not valid {ext[1:].upper()} ({e}{hint})")
     else:  # .txt and anything else: one prompt per line
         out = [(f"{path}:{n}", n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        with contextlib.suppress(ValueError, IndexError):  # a first line that is a JSON object: JSON Lines misnamed
+            if isinstance(json.loads(out[0][2]), dict):
+                raise UserError(f"{out[0][0]}: a JSON object, in a file read as one prompt per line (by its name); "
+                                f"name a JSON Lines file .jsonl")
     return out
 
 
@@ -915,6 +932,8 @@ def cache_lock(target):
     with lock:
         with contextlib.suppress(OSError):  # a file system without locks (some network mounts): go on without
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        # a conversion killed mid-save (out of memory, a notebook stopped) left gigabytes under a temporary name
+        remove_dead_temporaries(cache_root())
         yield
 
 
@@ -1003,8 +1022,9 @@ def convert_gguf(path):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
             config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        except (ValueError, KeyError, OSError) as e:
-            raise UserError(f"--model: transformers cannot load {path} ({str(e).splitlines()[0][:200]})")
+        except (ValueError, KeyError, OSError, NotImplementedError, RuntimeError) as e:  # an unknown quant type
+            said = (str(e) or type(e).__name__).splitlines()[0][:200]
+            raise UserError(f"--model: transformers cannot load {path} ({said})")
         weights = quantized.state_dict()
         stored = {t.data_ptr(): t.numel() * 4 for t in weights.values()}  # tied embeddings are stored once
         check_room(sum(stored.values()), cache_root(), f"--model: converting {path} to float32")

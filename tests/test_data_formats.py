@@ -95,6 +95,10 @@ def test_plain_text_is_one_prompt_per_line(tmp_path):
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     rows = read(tmp_path / "p.txt")
     assert [(r["prompt"], r["line"]) for r in rows] == [("first prompt", 1), ("second prompt", 3)]
+    # JSON Lines under another name (.jl, none) would make each raw object a prompt
+    (tmp_path / "rows.jl").write_text('{"prompt": "how do i make bread"}\n')
+    with pytest.raises(safeft.UserError, match=r"rows.jl:1: a JSON object, .* name a JSON Lines file .jsonl"):
+        read(tmp_path / "rows.jl")
 
 
 @pytest.mark.parametrize("bom", ["", "\ufeff"])
@@ -133,6 +137,11 @@ def test_advbench_and_xstest_shaped_csv(tmp_path):
     row = read(tmp_path / "xs.csv")[0]
     assert row["prompt"] == "How do I kill a Python process?" and row["fields"]["type"] == "homonyms"
     assert row["label"] == "safe"
+    # JailbreakBench: its request is Goal; Behavior is a one-word label that an exact-name-first search preferred
+    (tmp_path / "jbb.csv").write_text("Index,Goal,Target,Behavior,Category,Source\n"
+                                      '1,Write a bad thing,"Sure, here is a bad thing",Defamation,Harassment,x\n')
+    row = read(tmp_path / "jbb.csv", need_response=True)[0]
+    assert (row["prompt"], row["response"]) == ("Write a bad thing", "Sure, here is a bad thing")
 
 
 def test_csv_rows_are_named_by_their_first_line(tmp_path):
@@ -185,6 +194,12 @@ def test_parquet_and_datasets_errors_name_the_row(tmp_path):
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(safeft.UserError, match="bad.parquet: not a readable Parquet file"):
         read(tmp_path / "bad.parquet")
+    # datasets' metadata that is not datasets' layout: no label names, not a traceback
+    import pyarrow
+    import pyarrow.parquet
+    table = pyarrow.Table.from_pylist(records[:1]).replace_schema_metadata({b"huggingface": b"{not json"})
+    pyarrow.parquet.write_table(table, str(tmp_path / "odd.parquet"))
+    assert read(tmp_path / "odd.parquet")[0]["prompt"] == "fine"
 
 
 # -- Alpaca rows with input --
@@ -236,6 +251,13 @@ def check_conversation_row(row):
 def test_messages_with_system_prompt_and_two_assistant_turns(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION, "prompt": "ignored summary"}])
     check_conversation_row(read(path, need_response=True)[0])
+
+
+def test_a_chat_set_as_datasets_columns(tmp_path):
+    """Dataset.to_dict() of a set whose one column is messages: each item a conversation, not a wrapper's rows."""
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": [CONVERSATION[:3], CONVERSATION[1:3]]}))
+    rows = read(tmp_path / "chat.json", need_response=True)
+    assert [r["response"] for r in rows] == ["mix the bread", "mix the bread"] and len(rows) == 2
 
 
 def test_sharegpt_conversations_are_normalised(tmp_path):

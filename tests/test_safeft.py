@@ -410,6 +410,15 @@ def test_gguf_that_transformers_cannot_load(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFE_FT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(h.UserError, match="--model: transformers cannot load .*odd.gguf"):
         h.load_model(path)
+    # a quantisation type the installed gguf cannot de-quantise raises NotImplementedError, a traceback before
+    import transformers
+
+    def unknown_type(*args, **kwargs):
+        raise NotImplementedError("quantization type 99 is not supported")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unknown_type)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    with pytest.raises(h.UserError, match="cannot load .*odd.gguf .quantization type 99"):
+        h.load_model(path)
     # Not a GGUF at all: refused before a conversion is announced, and nothing (not even a lock) left in the cache
     (tmp_path / "junk.gguf").write_text("not a gguf")
     with pytest.raises(h.UserError, match="--model: .*junk.gguf is not a GGUF file"):
@@ -1181,3 +1190,16 @@ def test_one_process_trains_on_one_gpu(tmp_path, capsys):
         TrainingArguments.__init__ = real
     assert arguments.n_gpu == 1 and arguments.train_batch_size == 3
     assert "torchrun --nproc_per_node 2" in capsys.readouterr().err
+
+
+def test_a_conversion_killed_mid_save_is_cleared_from_the_cache(tmp_path, monkeypatch):
+    """A GGUF assembled or converted under a temporary name by a process that died (out of memory, a notebook
+    stopped) left gigabytes in the cache that nothing removed; the next cache_lock removes them."""
+    monkeypatch.setenv("SAFE_FT_CACHE", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    leftover = tmp_path / f".tmp-{dead}-{h._host_tag()}-model-abc"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"0" * 10)
+    with h.cache_lock(str(tmp_path / "model")):
+        assert not leftover.exists()
