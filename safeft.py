@@ -803,7 +803,8 @@ def _conversation(value, key, where):
 
 def _row(where, number, record, prompt_key, response_key, chat_key, need_response):
     """One record as a row. Chat data: messages = the whole conversation, prompt = its last user turn (to
-    show), response = the assistant turns after it. Alpaca: a non-empty input field is kept beside the prompt."""
+    show), response = the assistant turns after it. Alpaca: a non-empty input field (Dolly: context) is kept
+    beside the prompt."""
     if isinstance(record, str):  # a line of text, or a string in a JSON list
         record, prompt_key, response_key, chat_key = {"prompt": record}, "prompt", None, None
     if not isinstance(record, dict):
@@ -831,7 +832,9 @@ def _row(where, number, record, prompt_key, response_key, chat_key, need_respons
     prompt = _text(record, prompt_key, where)
     if not prompt or not prompt.strip():
         raise UserError(f"{where}: empty or missing prompt field '{prompt_key}'")
-    extra = _text(record, "input", where) if prompt_key != "input" else None
+    # Alpaca's input, else Dolly's context (the passage its closed-QA and summary instructions are about)
+    extra = next((text for key in ("input", "context") if key != prompt_key
+                  for text in [_text(record, key, where)] if text and text.strip()), None)
     # a response that is not needed and not text (nq_open's list of answers) is left unread, not an error
     unread = not need_response and isinstance(record.get(response_key), (list, dict, bool))
     row.update(prompt=prompt.strip(), input=extra.strip() if extra and extra.strip() else None,

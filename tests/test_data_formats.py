@@ -219,6 +219,10 @@ def test_alpaca_input(tmp_path):
     assert safeft.format_prompt(tokenizer, rows[0], "none") == "Sum the numbers\n\n2 plus 3"
     chat = safeft.format_prompt(tokenizer, rows[0], "chat")
     assert chat == "<|user|> Sum the numbers\n\n2 plus 3 <|end|> <|assistant|>"
+    # databricks-dolly: the passage an instruction is about is its context, which was dropped
+    (tmp_path / "dolly.jsonl").write_text(json.dumps({"instruction": "Summarise the passage", "context": "Bread is "
+                                                      "baked.", "response": "Baking.", "category": "summarization"}))
+    assert read(tmp_path / "dolly.jsonl", need_response=True)[0]["input"] == "Bread is baked."
 
 
 # -- chat data --
