@@ -673,14 +673,14 @@ def locate(args, log=print):
     sets, data = read_prompt_sets(args)
     config = safeft.load_config(args.model)
     num_layers = config.num_hidden_layers
-    block = safeft.decoder_layers(safeft.meta_model(config))[0]
-    unscaled = [] if args.skip_scaling else unscaled_weights(block)
+    block = None if args.skip_scaling else safeft.decoder_layers(safeft.meta_model(config))[0]  # stage 2's warnings
+    unscaled = [] if block is None else unscaled_weights(block)
     if unscaled:  # the paper's code scales the projection weights of a dense model; here that leaves some out
         print(f"warning: stage 2 scales each block's linear projections, and this model's blocks also hold "
               f"{', '.join(unscaled)}, which are not scaled: the search is not the paper's on this model",
               file=sys.stderr)
-    inner_norms = [name for name, _ in norm_modules(block) if "." in name]
-    if inner_norms and not args.skip_scaling:  # RMSNorm(a x) = RMSNorm(x): a norm after a projection undoes its scale
+    inner_norms = [] if block is None else [name for name, _ in norm_modules(block) if "." in name]
+    if inner_norms:  # RMSNorm(a x) = RMSNorm(x): a norm after a projection undoes its scale
         print(f"note: this model normalises inside its blocks ({', '.join(inner_norms)}), which undoes the scaling "
               f"of the projections those norms follow (q_proj and k_proj where queries and keys are normalised)",
               file=sys.stderr)

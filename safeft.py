@@ -837,7 +837,7 @@ def _row(where, number, record, prompt_key, response_key, chat_key, need_respons
                   for text in [_text(record, key, where)] if text and text.strip()), None)
     # a response that is not needed and not text (nq_open's list of answers) is left unread, not an error
     unread = not need_response and isinstance(record.get(response_key), (list, dict, bool))
-    row.update(prompt=prompt.strip(), input=extra.strip() if extra and extra.strip() else None,
+    row.update(prompt=prompt.strip(), input=extra.strip() if extra else None,
                response=None if unread else _text(record, response_key, where, numbers=not need_response))
     return row
 
